@@ -1,0 +1,3 @@
+from fedgap.cli import main
+
+main()

@@ -1,0 +1,337 @@
+"""Typed experiment configuration: defaults in code, an optional YAML file, dotted ``key=value`` overrides.
+
+``load_config(path, overrides)`` is the one entry point. It returns a fully resolved ``Config``: preset
+defaults (``server.algorithm`` decides the client objective, the server optimizer and the norm policy unless
+they are given) are filled in, so the ``config.yaml`` written with a run repeats it exactly when fed back.
+Every validation failure becomes a one-line ``ConfigError`` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedgap.errors import ConfigError
+from fedgap.fl.presets import PRESETS, SERVER_DEFAULTS
+
+PartitionName = Literal["iid", "dirichlet", "shards", "quantity", "central"]
+ModelName = Literal["mobilenet-like", "mobilenet-v1", "mobilenet-v2", "cnn"]
+NormName = Literal["batch", "group", "layer", "instance", "none"]
+NormPolicy = Literal["average", "local", "recalibrate"]
+ClientObjective = Literal["local", "prox", "scaffold"]
+ServerOptimizer = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
+EngineName = Literal["sequential", "parallel", "vectorized", "ray"]
+Algorithm = Literal["fedavg", "fedprox", "scaffold", "fedbn", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default); assignments are validated.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["mnist", "idx"] = "mnist"
+    root: str | None = Field(None, description="folder with the four IDX files (default: the shipped MNIST)")
+    partition: PartitionName = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet: labels, quantity: sizes)")
+    num_clients: int = Field(100, ge=1)
+    shards_per_client: int = Field(2, ge=1)
+    min_samples: int = Field(10, ge=0, description="minimum training samples per client (dirichlet, quantity)")
+
+
+class ModelConfig(_Section):
+    name: ModelName = "mobilenet-like"
+    norm: NormName = "batch"
+    norm_policy: NormPolicy | None = Field(None, description="default: from server.algorithm")
+    groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every normalized channel count)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    width: float = Field(1.0, gt=0, le=4, description="channel multiplier (mobilenet-v1/v2)")
+
+
+class ClientConfig(_Section):
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    augment: bool = False
+    augment_shift: int = Field(2, ge=0, le=8, description="max random shift in pixels")
+    augment_rotate: float = Field(10.0, ge=0, le=45, description="max random rotation in degrees")
+    objective: ClientObjective | None = Field(None, description="default: from server.algorithm")
+
+
+class ServerConfig(_Section):
+    algorithm: Algorithm = "fedavg"
+    optimizer: ServerOptimizer | None = Field(None, description="default: from server.algorithm")
+    rounds: int = Field(50, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    lr: float | None = Field(None, gt=0, description="server learning rate (default: from the optimizer)")
+    momentum: float | None = Field(None, ge=0, lt=1, description="server momentum (fedavgm)")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="adaptivity (epsilon) of adam/yogi/adagrad")
+    mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient")
+    min_clients: int = Field(1, ge=1, description="a round with fewer surviving clients stops the run")
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1, description="evaluate the global model every N rounds (and the last)")
+    batch_size: int = Field(500, ge=1)
+    target: float = Field(0.97, gt=0, le=1, description="accuracy for rounds_to_target")
+    diagnostics: bool = Field(False, description="per-round BN divergence, drift and per-client accuracy")
+
+
+class EngineConfig(_Section):
+    name: EngineName = "sequential"
+    workers: int | None = Field(None, ge=1, description="worker processes (default: CPU cores)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads in the main process")
+    device: str = "cpu"
+    channels_last: bool = Field(True, description="NHWC memory layout (measured faster on CPU for this model family)")
+    compile: bool = False
+    address: str = Field("local", description="ray: local | auto | ray://host:port")
+    cpus_per_client: float = Field(1.0, gt=0)
+    gpus_per_client: float = Field(0.0, ge=0)
+    max_retries: int = Field(2, ge=0)
+    fail_clients: list[int] = Field(default_factory=list, description="fault injection: these clients raise")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=1, description="write the resumable checkpoint every N rounds (and the last)")
+
+
+class Config(_Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> Config:
+        # model_validator(after) with validate_assignment would recurse on every assignment; use a guard.
+        if getattr(self, "_resolving", False):
+            return self
+        object.__setattr__(self, "_resolving", True)
+        try:
+            _resolve(self)
+        finally:
+            object.__setattr__(self, "_resolving", False)
+        return self
+
+
+def _resolve(cfg: Config) -> None:
+    """Fill preset defaults and check constraints that span several keys."""
+    if cfg.data.partition == "central":
+        # Centralized training is the same loop with one client holding everything, full participation.
+        cfg.data.num_clients = 1
+        cfg.server.clients_per_round = 1
+    preset = PRESETS[cfg.server.algorithm]
+    if cfg.client.objective is None:
+        cfg.client.objective = preset.objective
+    if cfg.server.optimizer is None:
+        cfg.server.optimizer = preset.server_optimizer
+    if cfg.model.norm_policy is None:
+        cfg.model.norm_policy = preset.norm_policy
+    defaults = SERVER_DEFAULTS[cfg.server.optimizer]
+    if cfg.server.lr is None:
+        cfg.server.lr = defaults["lr"]
+    if cfg.server.momentum is None:
+        cfg.server.momentum = defaults.get("momentum", 0.0)
+
+    if cfg.server.clients_per_round > cfg.data.num_clients:
+        raise ValueError(
+            f"server.clients_per_round: must be <= data.num_clients ({cfg.data.num_clients}), "
+            f"got {cfg.server.clients_per_round}"
+        )
+    if cfg.server.min_clients > cfg.server.clients_per_round:
+        raise ValueError(
+            f"server.min_clients: must be <= server.clients_per_round ({cfg.server.clients_per_round}), "
+            f"got {cfg.server.min_clients}"
+        )
+    if cfg.data.name == "idx" and not cfg.data.root:
+        raise ValueError("data.root: required when data.name=idx (a folder with the four IDX files)")
+    if cfg.model.norm_policy == "recalibrate" and cfg.model.norm != "batch":
+        raise ValueError(
+            f"model.norm_policy: recalibrate needs model.norm=batch (running statistics), got {cfg.model.norm}"
+        )
+    from fedgap.models.spec import norm_channels  # local: models.spec is torch-free but imports config names
+
+    if cfg.model.norm == "group":
+        bad = sorted({c for c in norm_channels(cfg.model.name, cfg.model.width) if c % cfg.model.groups})
+        if bad:
+            raise ValueError(
+                f"model.groups: {cfg.model.groups} does not divide the channel counts {bad} of "
+                f"{cfg.model.name}; choose a divisor of all of them"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse ``a.b=value`` strings into a nested dict; values are read as YAML scalars (numbers, bools, lists)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. server.rounds=20")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}': empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict,)):
+            value = raw  # a scalar key never takes a mapping; keep the text and let validation name the key
+        _set_dotted(nested, key, value)
+    return nested
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}': not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file '{path}': cannot be read ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}': not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping of sections (data:, model:, ...)")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then the overrides; validated and resolved."""
+    tree: dict[str, Any] = read_yaml(path) if path else {}
+    tree = _merge(tree, parse_overrides(overrides))
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line: the first problem, naming the dotted key and what is allowed."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        return f"unknown config key '{loc}'; allowed here: {', '.join(allowed)}"
+    if kind == "value_error":
+        return str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+    msg = err["msg"]
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    else:
+        msg = msg[0].lower() + msg[1:] if msg else msg
+    extra = f"; {len(exc.errors()) - 1} more problem(s)" if len(exc.errors()) > 1 else ""
+    return f"{loc}: {msg}, got {err['input']!r}{extra}"
+
+
+def _allowed_keys(section_loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in section_loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    return list(model.model_fields)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# Keys that change how fast a run goes or what it additionally measures, never its numbers.
+RESULT_NEUTRAL: tuple[tuple[str, ...], ...] = (("engine",), ("checkpoint",), ("eval", "diagnostics"))
+
+
+def config_hash(cfg: Config, exclude: tuple[tuple[str, ...], ...] = ()) -> str:
+    tree = config_to_dict(cfg)
+    for path in exclude:
+        node = tree
+        for part in path[:-1]:
+            node = node.get(part, {})
+        node.pop(path[-1], None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def results_hash(cfg: Config) -> str:
+    """Hash of everything that can change a run's numbers: caches doctor and sweep runs."""
+    return config_hash(cfg, RESULT_NEUTRAL)[:12]
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every key: the config reference in --help and the docs."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", repr(default), field.description or _type_text(ann)))
+
+    walk(Config, "")
+    return rows
+
+
+def _type_text(ann: Any) -> str:
+    args = getattr(ann, "__args__", None)
+    if args and all(isinstance(a, str) for a in args):
+        return " | ".join(args)
+    text = str(ann).replace("typing.", "")
+    text = text.replace("Literal[", "").replace("]", "").replace("'", "")
+    return text.replace(", ", " | ")

@@ -1,0 +1,1 @@
+"""Data: IDX files (read + verify), data sets held in memory as tensors, partitions over clients."""

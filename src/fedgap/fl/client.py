@@ -1,0 +1,162 @@
+"""The local update: one client's training in one round. Every engine that runs clients one at a time
+(sequential, parallel, ray) calls ``local_update``; the vectorized engine reproduces exactly this math.
+
+A client starts from the global state (under the ``local`` norm policy, with its own norm layers swapped in),
+trains ``client.epochs`` passes over its data in minibatches drawn from a generator seeded by
+(seed, round, client), corrects each gradient as its objective says (FedProx, SCAFFOLD), steps its optimizer
+(created fresh each round: client optimizer state is not carried across rounds), and returns its final state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedgap import seeding
+from fedgap.fl.augment import random_affine
+from fedgap.fl.objectives import ClientSetup, make_objective
+from fedgap.fl.state import State
+
+
+@dataclass(frozen=True)
+class ClientHParams:
+    """Everything a client needs to know about the experiment; small and picklable (it goes to workers)."""
+
+    seed: int
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    augment: bool = False
+    augment_shift: int = 2
+    augment_rotate: float = 10.0
+    objective: str = "local"
+    mu: float = 0.0
+    norm_policy: str = "average"
+    norm_keys: frozenset[str] = frozenset()
+    channels_last: bool = False
+    fail_clients: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_config(cls, cfg, norm_keys=frozenset()) -> ClientHParams:
+        c = cfg.client
+        return cls(
+            seed=cfg.seed, optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+            epochs=c.epochs, batch_size=c.batch_size, augment=c.augment, augment_shift=c.augment_shift,
+            augment_rotate=c.augment_rotate, objective=c.objective, mu=cfg.server.mu,
+            norm_policy=cfg.model.norm_policy, norm_keys=frozenset(norm_keys),
+            channels_last=cfg.engine.channels_last, fail_clients=frozenset(cfg.engine.fail_clients),
+        )
+
+
+@dataclass
+class RoundContext:
+    """What the server sends to every client of a round (once per round, whatever the engine)."""
+
+    round: int
+    global_state: State
+    payload: State = field(default_factory=dict)  # the objective's round payload (SCAFFOLD: c)
+
+
+@dataclass
+class ClientTask:
+    client_id: int
+    indices: np.ndarray  # rows of the training set this client holds
+    own: dict[str, State] = field(default_factory=dict)  # persistent state: "objective" (c_i), "norm" (FedBN)
+
+
+@dataclass
+class ClientResult:
+    client_id: int
+    num_samples: int  # the client's data set size: its aggregation weight
+    state: State  # final floating-point state (parameters and buffers)
+    train_loss: float  # mean minibatch loss over the samples processed
+    samples: int  # samples processed (num_samples x epochs)
+    steps: int
+    own: dict[str, State] = field(default_factory=dict)
+    upload: State = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class InjectedClientFailure(RuntimeError):
+    """Raised by clients listed in engine.fail_clients (fault-injection for tests)."""
+
+
+def start_state(ctx: RoundContext, task: ClientTask, hp: ClientHParams) -> State:
+    """The global state, with this client's own norm layers under the ``local`` (FedBN) policy."""
+    if hp.norm_policy == "local" and task.own.get("norm"):
+        return {**ctx.global_state, **task.own["norm"]}
+    return ctx.global_state
+
+
+def make_optimizer(params, hp: ClientHParams) -> torch.optim.Optimizer:
+    # SGD and Adam add weight decay to the gradient (coupled, L2); AdamW decays the weights directly
+    # (decoupled, Loshchilov & Hutter 2019).
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    raise ValueError(f"client.optimizer: unknown optimizer {hp.optimizer!r}")
+
+
+def epoch_orders(hp: ClientHParams, round_: int, client_id: int, n: int) -> list[np.ndarray]:
+    """The client's minibatch order for every local epoch: a permutation per epoch, seeded by round and client."""
+    rng = seeding.rng(hp.seed, seeding.CLIENT, round_, client_id)
+    return [rng.permutation(n) for _ in range(hp.epochs)]
+
+
+def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: RoundContext,
+                 task: ClientTask, hp: ClientHParams) -> ClientResult:
+    t0 = time.perf_counter()
+    if task.client_id in hp.fail_clients:
+        raise InjectedClientFailure(f"client {task.client_id} failed (engine.fail_clients)")
+    model.load_state_dict(start_state(ctx, task, hp))
+    model.train()
+    params = dict(model.named_parameters())
+    objective = make_objective(hp.objective, hp.mu)
+    objective.begin(ClientSetup(params, ctx.global_state, ctx.payload, task.own.get("objective", {})))
+    optimizer = make_optimizer(params.values(), hp)
+    torch.manual_seed(seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))  # dropout
+    aug_gen = torch.Generator().manual_seed(seeding.torch_seed(hp.seed, seeding.CLIENT, ctx.round, task.client_id))
+
+    indices = torch.from_numpy(np.asarray(task.indices, dtype=np.int64))
+    n = len(indices)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    steps = 0
+    for order in epoch_orders(hp, ctx.round, task.client_id, n):
+        rows = indices[torch.from_numpy(order)]
+        for start in range(0, n, hp.batch_size):
+            batch = rows[start : start + hp.batch_size]
+            xb, yb = x[batch], y[batch]
+            if hp.augment:
+                xb = random_affine(xb, aug_gen, hp.augment_shift, hp.augment_rotate)
+            if hp.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            objective.correct()
+            optimizer.step()
+            loss_sum += loss.detach() * len(batch)
+            steps += 1
+
+    outcome = objective.end(steps)
+    final = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    own: dict[str, State] = {}
+    if outcome.own:
+        own["objective"] = outcome.own
+    if hp.norm_policy == "local" and hp.norm_keys:
+        own["norm"] = {k: final[k] for k in hp.norm_keys if k in final}
+    samples = n * hp.epochs
+    return ClientResult(
+        client_id=task.client_id, num_samples=n, state=final, train_loss=float(loss_sum) / max(samples, 1),
+        samples=samples, steps=steps, own=own, upload=outcome.upload, seconds=time.perf_counter() - t0,
+    )

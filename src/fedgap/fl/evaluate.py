@@ -1,0 +1,62 @@
+"""Evaluation of a model state on a set of images: accuracy and mean cross-entropy.
+
+Runs under inference mode in large batches. ``train_mode=True`` evaluates with BatchNorm normalizing by the
+statistics of each evaluation batch instead of its running averages: the doctor compares both to make the
+BatchNorm mismatch visible (running statistics are restored afterwards, nothing is changed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedgap import seeding
+from fedgap.fl.state import State
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    count: int
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 500, *, train_mode: bool = False, channels_last: bool = False) -> EvalResult:
+    if state is not None:
+        model.load_state_dict(state)
+    saved = {k: v.clone() for k, v in model.state_dict().items()} if train_mode else None
+    model.train(train_mode)
+    correct = 0
+    loss_sum = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    if saved is not None:
+        model.load_state_dict(saved)
+    model.eval()
+    n = len(x)
+    return EvalResult(correct / max(n, 1), loss_sum / max(n, 1), n)
+
+
+def label_matched_subset(test_y: np.ndarray, client_labels: np.ndarray, size: int, seed: int,
+                         client_id: int) -> np.ndarray:
+    """Test rows drawn (without replacement within each label) so their label proportions match a client's
+    training labels: the test set for that client's personalized (FedBN) model."""
+    rng = seeding.rng(seed, seeding.PERSONAL_TEST, client_id)
+    num_classes = int(max(test_y.max(), client_labels.max())) + 1
+    share = np.bincount(client_labels, minlength=num_classes) / len(client_labels)
+    want = np.floor(share * size).astype(np.int64)
+    rows = []
+    for c in np.flatnonzero(want):
+        pool = np.flatnonzero(test_y == c)
+        rows.append(rng.choice(pool, size=min(want[c], len(pool)), replace=False))
+    return np.sort(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,351 @@
+"""The round loop: one path for every run, centralized baseline and federated alike.
+
+    sample clients -> engine runs their local updates -> server aggregates -> norm policy -> evaluate ->
+    log a metrics row -> callbacks -> checkpoint
+
+Aggregation (what is averaged and why):
+- The server averages the clients' final floating-point state, weighted by client sample counts, in client-id
+  order. Parameters go through the server optimizer as the pseudo-gradient mean(y_i) - x; floating buffers
+  (BatchNorm running statistics) become the weighted mean directly (see ``fedgap.fl.server``).
+- Integer buffers (BatchNorm's num_batches_tracked) are not averaged: they count steps, and with a fixed BN
+  momentum they never enter the math.
+- Norm layers follow ``model.norm_policy`` (``fedgap.fl.normpolicy``): ``average`` treats them like the rest;
+  ``local`` keeps each client's own copy across rounds (the global model carries their average, used for
+  its evaluation); ``recalibrate`` replaces the averaged running statistics with exact federated ones.
+
+Randomness is indexed by (seed, round, client) (``fedgap.seeding``), and a checkpoint holds the complete
+server state (model, server optimizer, control variates, per-client state, metrics so far), so a resumed run
+ends with the same metrics and weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedgap import __version__, seeding
+from fedgap.config import RESULT_NEUTRAL, Config, config_hash, config_to_dict, dump_yaml, results_hash
+from fedgap.data.datasets import Dataset, load_dataset
+from fedgap.data.partition import partition
+from fedgap.engines import Engine, RoundOutput, engine_class
+from fedgap.errors import FedgapError
+from fedgap.fl import outputs
+from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext
+from fedgap.fl.evaluate import EvalResult, evaluate, label_matched_subset
+from fedgap.fl.normpolicy import Moments
+from fedgap.fl.objectives import make_objective
+from fedgap.fl.server import make_server_optimizer
+from fedgap.fl.state import State, clone, weighted_mean
+from fedgap.models import build_model
+from fedgap.models.norm import batchnorm_modules, norm_state_keys
+from fedgap.progress import RunProgress
+
+CHECKPOINT_FORMAT = 1
+PERSONAL_TEST_SIZE = 1000
+
+
+class RunStopped(FedgapError):
+    """Too few clients survived a round; the last checkpoint is resumable."""
+
+    exit_code = 3
+
+
+@dataclass
+class RoundInfo:
+    """What callbacks see at the end of a round."""
+
+    round: int
+    experiment: Experiment
+    tasks: list[ClientTask]
+    output: RoundOutput
+    previous_state: State
+    state: State
+    evaluated: bool
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class RoundCallback(Protocol):
+    def on_round_end(self, info: RoundInfo) -> dict[str, Any]:
+        """Return extra metrics-row columns (may be empty)."""
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> np.ndarray:
+    """The clients of a round: k of num_clients without replacement, seeded by round, sorted."""
+    if k >= num_clients:
+        return np.arange(num_clients)
+    return np.sort(seeding.rng(seed, seeding.SAMPLING, round_).choice(num_clients, size=k, replace=False))
+
+
+def model_factory(cfg: Config, data: Dataset):
+    """A picklable-by-arguments builder for fresh (uninitialized-for-use) model instances in any process."""
+    return lambda: build_model(cfg.model, data.image_shape, data.num_classes)
+
+
+def initial_model(cfg: Config, data: Dataset) -> torch.nn.Module:
+    torch.manual_seed(seeding.torch_seed(cfg.seed, seeding.INIT))
+    return build_model(cfg.model, data.image_shape, data.num_classes)
+
+
+class Experiment:
+    def __init__(self, cfg: Config, out: str | Path | None = None, *, resume: bool = False,
+                 overwrite: bool = False, callbacks: Sequence[RoundCallback] = (), show_progress: bool = True,
+                 progress=None, label: str | None = None):
+        self.cfg = cfg
+        self.out = Path(out) if out is not None else None
+        self.resume = resume
+        self.callbacks = list(callbacks)
+        self.label = label or ("central" if cfg.data.partition == "central" else cfg.server.algorithm)
+        self.show_progress, self.shared_progress = show_progress, progress
+        t0 = time.perf_counter()
+        # Data and partition first: a bad data file or partition setting must fail before --out is touched.
+        self.data = load_dataset(cfg.data.name, cfg.data.root)
+        d = cfg.data
+        self.parts = partition(self.data.train_y.numpy(), d.partition, d.num_clients, seed=cfg.seed,
+                               alpha=d.alpha, shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+        if self.out is not None:
+            outputs.prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
+        model = initial_model(cfg, self.data)
+        self.param_keys = [k for k, _ in model.named_parameters()]
+        self.bn_layers = list(batchnorm_modules(model))
+        self.norm_keys = {k for k in norm_state_keys(model) if model.state_dict()[k].is_floating_point()}
+        self.hp = ClientHParams.from_config(cfg, self.norm_keys)
+        self.objective = make_objective(cfg.client.objective, cfg.server.mu)
+        self.server_opt = make_server_optimizer(cfg.server)
+
+        # The complete server state: everything a checkpoint must hold.
+        self.state: State = clone(model.state_dict())
+        params = {k: self.state[k] for k in self.param_keys}
+        self.server_state: State = self.server_opt.init(params)
+        self.objective_state: State = self.objective.server_init(params)
+        self.client_store: dict[int, dict[str, State]] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.round = 0
+        self.wall_seconds = 0.0
+        if resume:
+            self._load_checkpoint()
+        self.engine: Engine = engine_class(cfg.engine.name)(cfg, self.data, self.hp, model_factory(cfg, self.data))
+        self.startup_seconds = time.perf_counter() - t0  # engine start is timed in run()
+
+    # ------------------------------------------------------------------------------------------------ running
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        total = cfg.server.rounds
+        if self.out is not None:
+            outputs.atomic_write_text(self.out / outputs.CONFIG, dump_yaml(cfg))
+        if self.round >= total and self.out is not None and (self.out / outputs.SUMMARY).exists():
+            return self.summary()
+        bar = RunProgress(self.label, total, self.round, self.shared_progress, self.show_progress)
+        previous = _install_sigterm()
+        t_start = time.perf_counter()
+        try:
+            self.engine.start()
+            self.startup_seconds += time.perf_counter() - t_start
+            while self.round < total:
+                row = self.step()
+                acc = row.get("test_accuracy")
+                bar.update(self.round, f"acc {acc:.2%}" if acc is not None else "")
+        finally:
+            bar.close()
+            self.engine.close()
+            signal.signal(signal.SIGTERM, previous)
+        summary = self.summary()
+        if self.out is not None:
+            outputs.write_json(self.out / outputs.SUMMARY, summary)
+        return summary
+
+    def step(self) -> dict[str, Any]:
+        """One round: returns its metrics row (also appended to self.rows and written out)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        r = self.round + 1
+        sampled = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.server.clients_per_round)
+        tasks = [ClientTask(int(c), self.parts[c], self.client_store.get(int(c), {})) for c in sampled]
+        ctx = RoundContext(r, self.state, self.objective.payload(self.objective_state))
+        t_train = time.perf_counter()
+        output = self.engine.train(ctx, tasks)
+        train_seconds = time.perf_counter() - t_train
+        if len(output.results) < cfg.server.min_clients:
+            first = output.failures[0].reason if output.failures else "no client ran"
+            raise RunStopped(
+                f"round {r}: {len(output.results)} of {len(tasks)} clients survived, fewer than "
+                f"server.min_clients={cfg.server.min_clients} (first failure: {first}); the run stopped after "
+                f"round {self.round} and can be resumed with --resume"
+            )
+        previous = self.state
+        self.state = self._aggregate(output.results)
+        if cfg.model.norm_policy == "recalibrate" and self.bn_layers:
+            self.state = self._recalibrate(self.state, [self.parts[res.client_id] for res in output.results])
+
+        evaluated = r % cfg.eval.every == 0 or r == cfg.server.rounds
+        test = self.engine.evaluate(self.state, self.data.test_x, self.data.test_y) if evaluated else None
+        row: dict[str, Any] = {
+            "round": r,
+            "test_accuracy": test.accuracy if test else None,
+            "test_loss": test.loss if test else None,
+            "train_loss": float(np.average([x.train_loss for x in output.results],
+                                           weights=[x.samples for x in output.results])),
+            "seconds": None,
+            "samples": int(sum(x.samples for x in output.results)),
+            "clients": len(output.results),
+            "clients_failed": len(output.failures),
+            "train_seconds": train_seconds,
+        }
+        if cfg.model.norm_policy == "local":
+            row["personal_accuracy"] = self._personal_accuracy(output.results) if evaluated else None
+        info = RoundInfo(r, self, tasks, output, previous, self.state, evaluated, row)
+        for callback in self.callbacks:
+            row.update(callback.on_round_end(info))
+        row["seconds"] = time.perf_counter() - t0  # the whole round with its evaluation and diagnostics
+        self.wall_seconds += row["seconds"]
+        self.rows.append(row)
+        self.round = r
+        if self.out is not None:
+            outputs.write_metrics(self.out / outputs.METRICS, self.rows)
+            if r % cfg.checkpoint.every == 0 or r == cfg.server.rounds:
+                self._save_checkpoint()
+        return row
+
+    # ------------------------------------------------------------------------------------------------ server
+    def _aggregate(self, results: list[ClientResult]) -> State:
+        weights = [float(res.num_samples) for res in results]
+        mean = weighted_mean([res.state for res in results], weights)
+        params = {k: self.state[k] for k in self.param_keys}
+        delta = {k: mean[k] - self.state[k] for k in self.param_keys}
+        new_params, self.server_state = self.server_opt.step(params, delta, self.server_state)
+        new_state = dict(self.state)
+        new_state.update(mean)  # floating buffers: the weighted client mean
+        new_state.update(new_params)  # parameters: the server optimizer's step
+        uploads = [res.upload for res in results if res.upload]
+        self.objective_state = self.objective.server_update(self.objective_state, uploads,
+                                                            self.cfg.data.num_clients)
+        for res in results:
+            if res.own:
+                self.client_store.setdefault(res.client_id, {}).update(res.own)
+        return new_state
+
+    def _recalibrate(self, state: State, parts: list[np.ndarray]) -> State:
+        state = dict(state)
+        for layer in self.bn_layers:  # layer by layer: each pass sees the earlier layers recalibrated
+            moments = self.engine.layer_moments(state, layer, parts)
+            total: Moments = moments[0]
+            for m in moments[1:]:
+                total = total + m
+            ref = state[f"{layer}.running_mean"]
+            state[f"{layer}.running_mean"] = total.mean.to(ref.dtype)
+            state[f"{layer}.running_var"] = total.var.to(ref.dtype)
+        return state
+
+    def _personal_accuracy(self, results: list[ClientResult]) -> float:
+        """FedBN: each sampled client's own model (global weights, its norm layers) on a test subset drawn
+        with that client's label proportions; the mean over clients."""
+        test_y = self.data.test_y.numpy()
+        train_y = self.data.train_y.numpy()
+        accs = []
+        for res in results:
+            rows = label_matched_subset(test_y, train_y[self.parts[res.client_id]], PERSONAL_TEST_SIZE,
+                                        self.cfg.seed, res.client_id)
+            own = {**self.state, **self.client_store[res.client_id].get("norm", {})}
+            idx = torch.from_numpy(rows)
+            accs.append(evaluate(self.engine.model, own, self.data.test_x[idx], self.data.test_y[idx]).accuracy)
+        return float(np.mean(accs))
+
+    # ------------------------------------------------------------------------------------------------ results
+    def evaluate_global(self) -> EvalResult:
+        return self.engine.evaluate(self.state, self.data.test_x, self.data.test_y)
+
+    def summary(self) -> dict[str, Any]:
+        accs = [(r["round"], r["test_accuracy"]) for r in self.rows if r.get("test_accuracy") is not None]
+        target = self.cfg.eval.target
+        reached = next((rnd for rnd, a in accs if a >= target), None)
+        samples = sum(r["samples"] for r in self.rows)
+        train_seconds = sum(r.get("train_seconds") or 0.0 for r in self.rows)
+        final = self.rows[-1] if self.rows else {}
+        summary = {
+            "final_test_accuracy": accs[-1][1] if accs else None,
+            "best_test_accuracy": max(a for _, a in accs) if accs else None,
+            "final_test_loss": final.get("test_loss"),
+            "rounds_completed": self.round,
+            "rounds_to_target": reached,
+            "target_accuracy": target,
+            "wall_seconds": self.wall_seconds + self.startup_seconds,
+            "seconds_per_round": self.wall_seconds / max(len(self.rows), 1),
+            "startup_seconds": self.startup_seconds,
+            "train_samples": samples,
+            "train_samples_per_second": samples / train_seconds if train_seconds > 0 else None,
+            "clients_failed": sum(r.get("clients_failed", 0) for r in self.rows),
+            "engine": self.cfg.engine.name,
+            "config_hash": results_hash(self.cfg),
+            "fedgap_version": __version__,
+        }
+        if self.cfg.model.norm_policy == "local":
+            personal = [r["personal_accuracy"] for r in self.rows if r.get("personal_accuracy") is not None]
+            summary["final_personal_accuracy"] = personal[-1] if personal else None
+        return summary
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_to_dict(self.cfg),
+            "resume_hash": _resume_hash(self.cfg),
+            "round": self.round,
+            "state": self.state,
+            "server_state": self.server_state,
+            "objective_state": self.objective_state,
+            "client_store": self.client_store,
+            "rows": self.rows,
+            "wall_seconds": self.wall_seconds,
+        }
+        outputs.save_checkpoint(self.out / outputs.CHECKPOINT, payload)
+
+    def _load_checkpoint(self) -> None:
+        if self.out is None:
+            raise FedgapError("--resume needs --out DIR")
+        ckpt = outputs.load_checkpoint(self.out / outputs.CHECKPOINT)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise FedgapError(f"checkpoint '{self.out / outputs.CHECKPOINT}': written by another fedgap version")
+        if ckpt["resume_hash"] != _resume_hash(self.cfg):
+            raise FedgapError(
+                f"--resume: the config differs from the one of the run in '{self.out}' (only server.rounds, "
+                f"eval.every, engine.* and checkpoint.* may change); start a new --out instead"
+            )
+        self.round = ckpt["round"]
+        self.state = ckpt["state"]
+        self.server_state = ckpt["server_state"]
+        self.objective_state = ckpt["objective_state"]
+        self.client_store = ckpt["client_store"]
+        self.rows = ckpt["rows"]
+        self.wall_seconds = ckpt["wall_seconds"]
+        if self.round < self.cfg.server.rounds:
+            (self.out / outputs.SUMMARY).unlink(missing_ok=True)  # extended: no longer finished
+
+
+def _resume_hash(cfg: Config) -> str:
+    """What must not change between a run and its resumption (more rounds are allowed)."""
+    return config_hash(cfg, exclude=RESULT_NEUTRAL + (("server", "rounds"), ("eval", "every")))
+
+
+def _install_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt so a killed run says how to resume instead of dying silently."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return signal.getsignal(signal.SIGTERM)
+
+
+def run_experiment(cfg: Config, out: str | Path | None = None, **kwargs) -> dict[str, Any]:
+    return Experiment(cfg, out, **kwargs).run()
+
+
+__all__ = ["Experiment", "RoundCallback", "RoundInfo", "RunStopped", "run_experiment", "sample_clients"]

@@ -1,0 +1,92 @@
+"""The normalization policy (``model.norm_policy``): what happens to normalization layers in federation.
+
+- ``average``: norm weights and running statistics are averaged with everything else (the naive baseline).
+  The averaged running statistics are a mean of client statistics, each computed by a different client
+  model on skewed data: not the statistics of the global model on any data.
+- ``local`` (FedBN, Li et al. 2021): norm layers stay with each client across rounds (``ClientTask.own``);
+  the global model carries their average, used for its own evaluation.
+- ``recalibrate``: after aggregation the global model's BatchNorm statistics are computed exactly, in a
+  federated pass: layer by layer, each client sends per-channel counts, sums and sums of squares of that
+  layer's input over its data (earlier layers already recalibrated), and the server combines them into the
+  population mean and (biased) variance over the union of the clients' data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedgap.fl.state import State
+from fedgap.models.norm import batchnorm_modules
+
+
+@dataclass
+class Moments:
+    """Per-channel sufficient statistics of a layer input: count, sum and sum of squares (float64)."""
+
+    count: int
+    total: torch.Tensor
+    total_sq: torch.Tensor
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.total_sq / self.count - self.mean**2).clamp_min(0)
+
+
+class _Stop(Exception):
+    """Raised by the hook once the wanted layer input is seen: the rest of the forward pass is not needed."""
+
+
+@torch.inference_mode()
+def layer_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layer: str,
+                        batch_size: int = 1000) -> Moments:
+    """Moments of the input of module ``layer`` over the images ``x``, with the model in eval mode."""
+    model.load_state_dict(state)
+    model.eval()
+    module = dict(model.named_modules())[layer]
+    acc: list[Moments] = []
+
+    def hook(_module, inputs):
+        z = inputs[0].to(torch.float64)
+        dims = [d for d in range(z.dim()) if d != 1]
+        count = z.numel() // z.shape[1]
+        acc.append(Moments(count, z.sum(dims), (z * z).sum(dims)))
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for start in range(0, len(x), batch_size):
+            try:
+                model(x[start : start + batch_size])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    total = acc[0]
+    for m in acc[1:]:
+        total = total + m
+    return total
+
+
+def recalibrate(model: torch.nn.Module, state: State, client_images: list[torch.Tensor],
+                batch_size: int = 1000) -> State:
+    """Replace every BatchNorm layer's running statistics in ``state`` by the exact population statistics of
+    its input over the union of ``client_images`` (one tensor per client; only moments are combined)."""
+    state = dict(state)
+    for name, _ in batchnorm_modules(model).items():  # named_modules order is forward order for our models
+        moments = [layer_input_moments(model, state, imgs, name, batch_size) for imgs in client_images]
+        total = moments[0]
+        for m in moments[1:]:
+            total = total + m
+        ref = state[f"{name}.running_mean"]
+        state[f"{name}.running_mean"] = total.mean.to(ref.dtype)
+        state[f"{name}.running_var"] = total.var.to(ref.dtype)
+    return state

@@ -1,0 +1,114 @@
+"""A run's files: config.yaml, metrics.csv, summary.json and checkpoint.pt, each written atomically (to a
+temporary file in the same folder, then renamed), so a kill at any moment leaves either the old or the new
+version of a file, never a torn one. A run is finished exactly when summary.json exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedgap.errors import FedgapError
+
+CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.csv", "summary.json", "checkpoint.pt"
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
+
+# metrics.csv columns that DESIGN.md promises, in this order; more may follow.
+BASE_COLUMNS = ["round", "test_accuracy", "test_loss", "train_loss", "seconds", "samples"]
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(BASE_COLUMNS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FedgapError(f"--resume: no checkpoint at '{path}'") from None
+    except Exception as exc:  # a torn or foreign file
+        raise FedgapError(f"checkpoint '{path}': cannot be read ({type(exc).__name__})") from None
+
+
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create ``out`` (or check it for resume) and make sure it is writable, before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise FedgapError(f"--out '{out}': exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise FedgapError(f"--out '{out}': not writable ({exc.strerror or type(exc).__name__})") from None
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if resume:
+        return
+    if existing and not overwrite:
+        finished = (out / SUMMARY).exists()
+        what = "a finished run" if finished else "an unfinished run"
+        hint = "choose another --out or pass --overwrite" if finished else "continue it with --resume, or --overwrite"
+        raise FedgapError(f"--out '{out}': already holds {what}; {hint}")
+    for name in existing:
+        (out / name).unlink()

@@ -1,0 +1,54 @@
+"""Model state as plain dicts of tensors (a state_dict), and the few operations the server needs on them.
+
+A federated model's state is its parameters *and* its buffers (BatchNorm running statistics). fedgap moves
+floating-point entries between server and clients; integer entries (BatchNorm's num_batches_tracked) are
+bookkeeping that no averaging makes sense for, so they stay as the global model has them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+def float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def clone(state: Mapping[str, torch.Tensor]) -> State:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def subset(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:
+    return {k: state[k] for k in keys}
+
+
+def zeros_like(state: Mapping[str, torch.Tensor]) -> State:
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> State:
+    """sum_i w_i * state_i / sum_i w_i over the keys of the first state, accumulated in float64 in the given
+    order so the result does not depend on which engine or process produced the states."""
+    total = float(sum(weights))
+    if not states or total <= 0:
+        raise ValueError("weighted_mean needs at least one state with positive weight")
+    out: State = {}
+    for key in states[0]:
+        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for s, w in zip(states, weights, strict=True):
+            acc.add_(s[key].to(torch.float64), alpha=w / total)
+        out[key] = acc.to(states[0][key].dtype)
+    return out
+
+
+def flatten(state: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> torch.Tensor:
+    keys = list(state) if keys is None else list(keys)
+    return torch.cat([state[k].reshape(-1).to(torch.float32) for k in keys]) if keys else torch.zeros(0)
+
+
+def nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())

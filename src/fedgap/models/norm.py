@@ -1,0 +1,44 @@
+"""The normalization factory: one switch (``model.norm``) decides what follows every convolution.
+
+- ``batch``: BatchNorm2d. Normalizes with statistics of the current batch in training and with running
+  averages in evaluation. Under label skew, client batches and the averaged running statistics disagree:
+  the first suspect when a federated MobileNet falls behind.
+- ``group``: GroupNorm(model.groups, C). Per-sample statistics over channel groups; no running state.
+- ``layer``: GroupNorm(1, C), i.e. LayerNorm over (C, H, W) with a per-channel affine.
+- ``instance``: GroupNorm(C, C), i.e. InstanceNorm with a per-channel affine.
+- ``none``: identity (the convolution then gets a bias).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+
+
+def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(groups, channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"model.norm: unknown norm {kind!r}")
+
+
+def norm_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys (weights, biases, running statistics, counters) that belong to normalization layers."""
+    keys = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            for name in module.state_dict():
+                keys.add(f"{prefix}.{name}" if prefix else name)
+    return keys
+
+
+def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
