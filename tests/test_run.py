@@ -117,7 +117,8 @@ def test_default_dirichlet_20_rounds_deterministic_and_resumable(tmp_path):
 @pytest.mark.slow
 def test_centralized_five_epochs_reach_98_percent(tmp_path):
     out = tmp_path / "central"
-    assert cli_subprocess("run", "data.partition=central", "server.rounds=5", "--out", str(out), "--quiet").returncode == 0
+    done = cli_subprocess("run", "data.partition=central", "server.rounds=5", "--out", str(out), "--quiet")
+    assert done.returncode == 0
     assert json.loads((out / "summary.json").read_text())["final_test_accuracy"] >= 0.98
 
 

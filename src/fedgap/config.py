@@ -84,6 +84,7 @@ class EvalConfig(_Section):
     every: int = Field(1, ge=1, description="evaluate the global model every N rounds (and the last)")
     batch_size: int = Field(500, ge=1)
     target: float = Field(0.97, gt=0, le=1, description="accuracy for rounds_to_target")
+    stop_at_target: bool = Field(False, description="end the run at the first evaluation reaching eval.target")
     diagnostics: bool = Field(False, description="per-round BN divergence, drift and per-client accuracy")
 
 

@@ -95,7 +95,7 @@ def _shards(labels: np.ndarray, k: int, per_client: int, rng: np.random.Generato
     while per_label.sum() > total:
         per_label[np.argmax(per_label - exact)] -= 1
     shards: list[np.ndarray] = []
-    for c, m in zip(classes, per_label):
+    for c, m in zip(classes, per_label, strict=True):
         shards += np.array_split(np.flatnonzero(labels == c), m)  # stable: sorted by label, then index
     order = rng.permutation(total)
     return [np.concatenate([shards[s] for s in order[i * per_client : (i + 1) * per_client]]) for i in range(k)]

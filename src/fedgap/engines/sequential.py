@@ -11,8 +11,8 @@ import os
 import torch
 
 from fedgap.engines.base import Engine, RoundOutput, failure_from_exception
-from fedgap.runtime import tune_allocator
 from fedgap.fl.client import ClientTask, RoundContext, local_update
+from fedgap.runtime import tune_allocator
 
 
 class SequentialEngine(Engine):

@@ -39,7 +39,7 @@ from fedgap.errors import FedgapError
 from fedgap.fl import outputs
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext
 from fedgap.fl.evaluate import EvalResult, evaluate, label_matched_subset
-from fedgap.fl.normpolicy import Moments
+from fedgap.fl.normpolicy import recalibrate
 from fedgap.fl.objectives import make_objective
 from fedgap.fl.server import make_server_optimizer
 from fedgap.fl.state import State, clone, weighted_mean
@@ -122,7 +122,7 @@ class Experiment:
         # The complete server state: everything a checkpoint must hold.
         self.state: State = clone(model.state_dict())
         params = {k: self.state[k] for k in self.param_keys}
-        self.server_state: State = self.server_opt.init(params)
+        self.server_state: State = self.server_opt.init({k: v.double() for k, v in params.items()})
         self.objective_state: State = self.objective.server_init(params)
         self.client_store: dict[int, dict[str, State]] = {}
         self.rows: list[dict[str, Any]] = []
@@ -139,7 +139,8 @@ class Experiment:
         total = cfg.server.rounds
         if self.out is not None:
             outputs.atomic_write_text(self.out / outputs.CONFIG, dump_yaml(cfg))
-        if self.round >= total and self.out is not None and (self.out / outputs.SUMMARY).exists():
+        finished = self.round >= total or self.reached_target()
+        if finished and self.out is not None and (self.out / outputs.SUMMARY).exists():
             return self.summary()
         bar = RunProgress(self.label, total, self.round, self.shared_progress, self.show_progress)
         previous = _install_sigterm()
@@ -147,10 +148,12 @@ class Experiment:
         try:
             self.engine.start()
             self.startup_seconds += time.perf_counter() - t_start
-            while self.round < total:
+            while self.round < total and not self.reached_target():
                 row = self.step()
                 acc = row.get("test_accuracy")
                 bar.update(self.round, f"acc {acc:.2%}" if acc is not None else "")
+            if self.round < total and self.out is not None:
+                self._save_checkpoint()  # stopped at the target: the checkpoint holds the final model
         finally:
             bar.close()
             self.engine.close()
@@ -214,14 +217,17 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------------ server
     def _aggregate(self, results: list[ClientResult]) -> State:
+        # In float64: x + 1.0 * (mean - x) == mean exactly, so FedAvg with one client is that client's model.
         weights = [float(res.num_samples) for res in results]
-        mean = weighted_mean([res.state for res in results], weights)
-        params = {k: self.state[k] for k in self.param_keys}
-        delta = {k: mean[k] - self.state[k] for k in self.param_keys}
+        mean = weighted_mean([res.state for res in results], weights, keep_float64=True)
+        params = {k: self.state[k].double() for k in self.param_keys}
+        delta = {k: mean[k] - params[k] for k in self.param_keys}
         new_params, self.server_state = self.server_opt.step(params, delta, self.server_state)
         new_state = dict(self.state)
-        new_state.update(mean)  # floating buffers: the weighted client mean
-        new_state.update(new_params)  # parameters: the server optimizer's step
+        for k, v in mean.items():  # floating buffers: the weighted client mean
+            new_state[k] = v.to(self.state[k].dtype)
+        for k, v in new_params.items():  # parameters: the server optimizer's step
+            new_state[k] = v.to(self.state[k].dtype)
         uploads = [res.upload for res in results if res.upload]
         self.objective_state = self.objective.server_update(self.objective_state, uploads,
                                                             self.cfg.data.num_clients)
@@ -231,16 +237,7 @@ class Experiment:
         return new_state
 
     def _recalibrate(self, state: State, parts: list[np.ndarray]) -> State:
-        state = dict(state)
-        for layer in self.bn_layers:  # layer by layer: each pass sees the earlier layers recalibrated
-            moments = self.engine.layer_moments(state, layer, parts)
-            total: Moments = moments[0]
-            for m in moments[1:]:
-                total = total + m
-            ref = state[f"{layer}.running_mean"]
-            state[f"{layer}.running_mean"] = total.mean.to(ref.dtype)
-            state[f"{layer}.running_var"] = total.var.to(ref.dtype)
-        return state
+        return recalibrate(state, self.bn_layers, lambda st, layer: self.engine.layer_moments(st, layer, parts))
 
     def _personal_accuracy(self, results: list[ClientResult]) -> float:
         """FedBN: each sampled client's own model (global weights, its norm layers) on a test subset drawn
@@ -257,6 +254,12 @@ class Experiment:
         return float(np.mean(accs))
 
     # ------------------------------------------------------------------------------------------------ results
+    def reached_target(self) -> bool:
+        """With eval.stop_at_target, whether an evaluation has reached eval.target."""
+        if not self.cfg.eval.stop_at_target:
+            return False
+        return any((r.get("test_accuracy") or 0.0) >= self.cfg.eval.target for r in self.rows)
+
     def evaluate_global(self) -> EvalResult:
         return self.engine.evaluate(self.state, self.data.test_x, self.data.test_y)
 

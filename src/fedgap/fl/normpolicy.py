@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fedgap.fl.state import State
-from fedgap.models.norm import batchnorm_modules
 
 
 @dataclass
@@ -70,23 +70,26 @@ def layer_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, l
                 pass
     finally:
         handle.remove()
-    total = acc[0]
-    for m in acc[1:]:
+    return sum_moments(acc)
+
+
+def recalibrate(state: State, bn_layers: list[str],
+                moments_of: Callable[[State, str], list[Moments]]) -> State:
+    """Replace every BatchNorm layer's running statistics in ``state`` by the exact population statistics of
+    its input over the union of the clients' data. ``moments_of(state, layer)`` returns one ``Moments`` per
+    client (only these sums leave a client). Layers go in forward order, each pass seeing the earlier layers
+    already recalibrated, so the result equals the statistics computed centrally over the union."""
+    state = dict(state)
+    for layer in bn_layers:
+        total = sum_moments(moments_of(state, layer))
+        ref = state[f"{layer}.running_mean"]
+        state[f"{layer}.running_mean"] = total.mean.to(ref.dtype)
+        state[f"{layer}.running_var"] = total.var.to(ref.dtype)
+    return state
+
+
+def sum_moments(moments: list[Moments]) -> Moments:
+    total = moments[0]
+    for m in moments[1:]:
         total = total + m
     return total
-
-
-def recalibrate(model: torch.nn.Module, state: State, client_images: list[torch.Tensor],
-                batch_size: int = 1000) -> State:
-    """Replace every BatchNorm layer's running statistics in ``state`` by the exact population statistics of
-    its input over the union of ``client_images`` (one tensor per client; only moments are combined)."""
-    state = dict(state)
-    for name, _ in batchnorm_modules(model).items():  # named_modules order is forward order for our models
-        moments = [layer_input_moments(model, state, imgs, name, batch_size) for imgs in client_images]
-        total = moments[0]
-        for m in moments[1:]:
-            total = total + m
-        ref = state[f"{name}.running_mean"]
-        state[f"{name}.running_mean"] = total.mean.to(ref.dtype)
-        state[f"{name}.running_var"] = total.var.to(ref.dtype)
-    return state

@@ -30,9 +30,12 @@ def zeros_like(state: Mapping[str, torch.Tensor]) -> State:
     return {k: torch.zeros_like(v) for k, v in state.items()}
 
 
-def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> State:
+def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float], *,
+                  keep_float64: bool = False) -> State:
     """sum_i w_i * state_i / sum_i w_i over the keys of the first state, accumulated in float64 in the given
-    order so the result does not depend on which engine or process produced the states."""
+    order so the result does not depend on which engine or process produced the states. With
+    ``keep_float64`` the result stays in float64 (the server computes its update in float64 so that FedAvg
+    with one client returns that client's model bit for bit)."""
     total = float(sum(weights))
     if not states or total <= 0:
         raise ValueError("weighted_mean needs at least one state with positive weight")
@@ -41,7 +44,7 @@ def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float]
         acc = torch.zeros_like(states[0][key], dtype=torch.float64)
         for s, w in zip(states, weights, strict=True):
             acc.add_(s[key].to(torch.float64), alpha=w / total)
-        out[key] = acc.to(states[0][key].dtype)
+        out[key] = acc if keep_float64 else acc.to(states[0][key].dtype)
     return out
 
 
