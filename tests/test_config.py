@@ -88,3 +88,10 @@ def test_every_key_is_described():
     # and every described key is settable
     tree = yaml.safe_load(dump_yaml(Config()))
     assert set(tree) >= {"data", "model", "client", "server", "eval", "engine"}
+
+
+def test_docs_config_md_is_generated_from_the_code():
+    from conftest import REPO
+    from fedgap.config import keys_markdown
+
+    assert (REPO / "docs" / "config.md").read_text() == keys_markdown(), "run: fedgap keys --markdown > docs/config.md"

@@ -143,12 +143,16 @@ def partition(args, plot, as_json):
 @cli.command()
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [OVERRIDES]...")
 @click.option("--resolved", is_flag=True, help="Print the resolved config of CONFIG and OVERRIDES as YAML instead.")
-def keys(args, resolved):
+@click.option("--markdown", is_flag=True, help="Print the key reference as a markdown table (docs/config.md).")
+def keys(args, resolved, markdown):
     """List every config key with its default and meaning (or print a resolved config)."""
-    from fedgap.config import describe_keys, dump_yaml
+    from fedgap.config import describe_keys, dump_yaml, keys_markdown
 
     if resolved:
         click.echo(dump_yaml(load(args)), nl=False)
+        return
+    if markdown:
+        click.echo(keys_markdown(), nl=False)
         return
     table = Table("key", "default", "meaning", title="fedgap config keys", title_justify="left")
     for key, default, text in describe_keys():

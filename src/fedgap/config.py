@@ -35,46 +35,52 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["mnist", "idx"] = "mnist"
+    name: Literal["mnist", "idx"] = Field(
+        "mnist", description="mnist (shipped, verified) | idx (any IDX set in data.root)")
     root: str | None = Field(None, description="folder with the four IDX files (default: the shipped MNIST)")
-    partition: PartitionName = "dirichlet"
+    partition: PartitionName = Field("dirichlet", description="iid | dirichlet | shards | quantity | central")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet: labels, quantity: sizes)")
-    num_clients: int = Field(100, ge=1)
-    shards_per_client: int = Field(2, ge=1)
+    num_clients: int = Field(100, ge=1, description="clients the training set is split over (central: 1)")
+    shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards per client")
     min_samples: int = Field(10, ge=0, description="minimum training samples per client (dirichlet, quantity)")
 
 
 class ModelConfig(_Section):
-    name: ModelName = "mobilenet-like"
-    norm: NormName = "batch"
-    norm_policy: NormPolicy | None = Field(None, description="default: from server.algorithm")
+    name: ModelName = Field("mobilenet-like", description="mobilenet-like | mobilenet-v1 | mobilenet-v2 | cnn")
+    norm: NormName = Field("batch", description="norm after every conv: batch | group | layer | instance | none")
+    norm_policy: NormPolicy | None = Field(
+        None, description="average | local (FedBN) | recalibrate; default: from server.algorithm")
     groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every normalized channel count)")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
     width: float = Field(1.0, gt=0, le=4, description="channel multiplier (mobilenet-v1/v2)")
 
 
 class ClientConfig(_Section):
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    augment: bool = False
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="client optimizer: sgd | adam | adamw (fresh every round)")
+    lr: float = Field(0.05, gt=0, description="client learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="client SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 (sgd, adam) or decoupled (adamw) weight decay")
+    epochs: int = Field(1, ge=1, description="local epochs per round (central: epochs per round)")
+    batch_size: int = Field(32, ge=1, description="client minibatch size")
+    augment: bool = Field(False, description="random shifts and rotations of client batches")
     augment_shift: int = Field(2, ge=0, le=8, description="max random shift in pixels")
     augment_rotate: float = Field(10.0, ge=0, le=45, description="max random rotation in degrees")
-    objective: ClientObjective | None = Field(None, description="default: from server.algorithm")
+    objective: ClientObjective | None = Field(
+        None, description="local | prox (FedProx) | scaffold; default: from server.algorithm")
 
 
 class ServerConfig(_Section):
-    algorithm: Algorithm = "fedavg"
-    optimizer: ServerOptimizer | None = Field(None, description="default: from server.algorithm")
-    rounds: int = Field(50, ge=1)
-    clients_per_round: int = Field(10, ge=1)
+    algorithm: Algorithm = Field("fedavg", description=(
+        "preset: fedavg | fedprox | scaffold | fedbn | fedavgm | fedadam | fedyogi | fedadagrad"))
+    optimizer: ServerOptimizer | None = Field(
+        None, description="sgd | momentum | adam | yogi | adagrad; default: from server.algorithm")
+    rounds: int = Field(50, ge=1, description="federated rounds (central: epochs / client.epochs)")
+    clients_per_round: int = Field(10, ge=1, description="clients sampled per round, seeded by round")
     lr: float | None = Field(None, gt=0, description="server learning rate (default: from the optimizer)")
     momentum: float | None = Field(None, ge=0, lt=1, description="server momentum (fedavgm)")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of adam/yogi/adagrad")
+    beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of adam/yogi")
     tau: float = Field(1e-3, gt=0, description="adaptivity (epsilon) of adam/yogi/adagrad")
     mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient")
     min_clients: int = Field(1, ge=1, description="a round with fewer surviving clients stops the run")
@@ -82,23 +88,23 @@ class ServerConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(1, ge=1, description="evaluate the global model every N rounds (and the last)")
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(500, ge=1, description="evaluation batch size")
     target: float = Field(0.97, gt=0, le=1, description="accuracy for rounds_to_target")
     stop_at_target: bool = Field(False, description="end the run at the first evaluation reaching eval.target")
     diagnostics: bool = Field(False, description="per-round BN divergence, drift and per-client accuracy")
 
 
 class EngineConfig(_Section):
-    name: EngineName = "sequential"
+    name: EngineName = Field("sequential", description="how client updates run; never changes results")
     workers: int | None = Field(None, ge=1, description="worker processes (default: CPU cores)")
     threads: int | None = Field(None, ge=1, description="intra-op threads in the main process")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device for engines that support it (vectorized, ray)")
     channels_last: bool = Field(True, description="NHWC memory layout (measured faster on CPU for this model family)")
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the client model")
     address: str = Field("local", description="ray: local | auto | ray://host:port")
-    cpus_per_client: float = Field(1.0, gt=0)
-    gpus_per_client: float = Field(0.0, ge=0)
-    max_retries: int = Field(2, ge=0)
+    cpus_per_client: float = Field(1.0, gt=0, description="ray: CPUs reserved per client actor")
+    gpus_per_client: float = Field(0.0, ge=0, description="ray: GPUs (fractions allowed) per client actor")
+    max_retries: int = Field(2, ge=0, description="retries of a failed client task before it is dropped")
     fail_clients: list[int] = Field(default_factory=list, description="fault injection: these clients raise")
 
 
@@ -107,7 +113,7 @@ class CheckpointConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seeds the partition, sampling, init and every batch order")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
@@ -327,6 +333,23 @@ def describe_keys() -> list[tuple[str, str, str]]:
 
     walk(Config, "")
     return rows
+
+
+def keys_markdown() -> str:
+    """The key reference as markdown: docs/config.md is this output (a test keeps them in sync)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated by `fedgap keys --markdown`. Set keys in a YAML file (sections as mappings) or as dotted",
+        "`key=value` overrides after it. `null` defaults are filled from `server.algorithm` (the preset) and the",
+        "server optimizer; `fedgap keys --resolved [CONFIG] [OVERRIDES]` prints the resolved config.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for key, default, text in describe_keys():
+        lines.append(f"| `{key}` | `{default}` | {text.replace('|', '&#124;')} |")
+    return "\n".join(lines) + "\n"
 
 
 def _type_text(ann: Any) -> str:
