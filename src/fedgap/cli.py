@@ -168,7 +168,8 @@ def _register_optional_commands() -> None:
         try:
             importlib.import_module(module).register(cli)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            # Only a missing command module (or its package) is optional; any other import error is a bug.
+            if exc.name is None or not module.startswith(exc.name):
                 raise
 
 
