@@ -36,3 +36,17 @@ def test_every_model_and_norm_runs(name, norm):
 def test_models_take_other_image_sizes():
     cfg = load_config(overrides=["model.name=cnn"])
     assert build_model(cfg.model, (1, 32, 32), 5)(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_eval_results_of_slices_merge_into_the_whole(mnist):
+    from fedgap.config import load_config
+    from fedgap.engines.runner import ClientRunner
+    from fedgap.fl.evaluate import EvalResult
+
+    runner = ClientRunner(load_config(), mnist)
+    state = runner.model.state_dict()
+    whole = runner.evaluate_test_rows(state, 0, 1000)
+    parts = EvalResult.merge([runner.evaluate_test_rows(state, a, b) for a, b in ((0, 300), (300, 999), (999, 1000))])
+    assert parts.count == whole.count == 1000
+    assert parts.accuracy == whole.accuracy
+    assert abs(parts.loss - whole.loss) < 1e-5

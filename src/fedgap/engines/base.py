@@ -2,56 +2,37 @@
 processes, batched into one model, on a Ray cluster); it never changes *what* is computed. The round loop hands
 it a RoundContext and a list of ClientTasks and gets back one ClientResult per surviving client, sorted by
 client id so aggregation order (and so every float) is the same whatever ran the clients.
+
+Every engine also has a ``local`` ClientRunner in the main process. Evaluation and the BatchNorm
+recalibration pass run there by default; an engine with workers may distribute them instead.
 """
 
 from __future__ import annotations
 
-import os
-import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fedgap.data.datasets import Dataset
-from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext
-from fedgap.fl.evaluate import EvalResult, evaluate
-from fedgap.fl.normpolicy import Moments, layer_input_moments
+from fedgap.engines.results import ClientFailure, RoundOutput, failure_from_exception
+from fedgap.engines.runner import ClientRunner
+from fedgap.fl.client import ClientHParams, ClientTask, RoundContext
+from fedgap.fl.evaluate import EvalResult
+from fedgap.fl.normpolicy import Moments
 from fedgap.fl.state import State
 
-ModelFactory = Callable[[], torch.nn.Module]
-
-
-@dataclass
-class ClientFailure:
-    client_id: int
-    reason: str  # one line: exception type and message
-
-
-@dataclass
-class RoundOutput:
-    results: list[ClientResult]
-    failures: list[ClientFailure] = field(default_factory=list)
-
-
-def failure_from_exception(client_id: int, exc: BaseException) -> ClientFailure:
-    if os.environ.get("FEDGAP_DEBUG"):
-        traceback.print_exception(exc)
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return ClientFailure(client_id, f"{type(exc).__name__}: {first}".rstrip(": "))
+__all__ = ["ClientFailure", "Engine", "RoundOutput", "failure_from_exception"]
 
 
 class Engine(ABC):
     name = "base"
 
-    def __init__(self, cfg, data: Dataset, hp: ClientHParams, model_factory: ModelFactory):
+    def __init__(self, cfg, data: Dataset, hp: ClientHParams):
         self.cfg = cfg
         self.data = data
         self.hp = hp
-        self.model_factory = model_factory
-        self._model: torch.nn.Module | None = None
+        self._local: ClientRunner | None = None
 
     # ---- lifecycle
     def start(self) -> None:
@@ -74,17 +55,20 @@ class Engine(ABC):
 
     # ---- defaults that run in this process; engines may distribute them
     @property
+    def local(self) -> ClientRunner:
+        """The runner in this process (built on first use)."""
+        if self._local is None:
+            self._local = ClientRunner(self.cfg, self.data, self.hp)
+        return self._local
+
+    @property
     def model(self) -> torch.nn.Module:
         """A model instance in this process, for evaluation and statistics passes."""
-        if self._model is None:
-            self._model = self.model_factory()
-        return self._model
+        return self.local.model
 
     def evaluate(self, state: State, x: torch.Tensor, y: torch.Tensor, *, train_mode: bool = False) -> EvalResult:
-        return evaluate(self.model, state, x, y, self.cfg.eval.batch_size, train_mode=train_mode,
-                        channels_last=self.cfg.engine.channels_last)
+        return self.local.evaluate(state, x, y, train_mode=train_mode)
 
     def layer_moments(self, state: State, layer: str, parts: list[np.ndarray]) -> list[Moments]:
         """Per-client moments of ``layer``'s input over each client's data (the recalibration pass)."""
-        return [layer_input_moments(self.model, state, self.data.train_x[torch.from_numpy(p)], layer)
-                for p in parts]
+        return self.local.layer_moments(state, layer, parts)

@@ -23,6 +23,14 @@ class EvalResult:
     loss: float
     count: int
 
+    @staticmethod
+    def merge(parts: list[EvalResult]) -> EvalResult:
+        """Combine evaluations of disjoint slices (engines that split the test set over workers)."""
+        n = sum(p.count for p in parts)
+        correct = sum(round(p.accuracy * p.count) for p in parts)
+        loss = sum(p.loss * p.count for p in parts)
+        return EvalResult(correct / max(n, 1), loss / max(n, 1), n)
+
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: torch.Tensor,

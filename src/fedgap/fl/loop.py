@@ -44,7 +44,7 @@ from fedgap.fl.objectives import make_objective
 from fedgap.fl.server import make_server_optimizer
 from fedgap.fl.state import State, clone, weighted_mean
 from fedgap.models import build_model
-from fedgap.models.norm import batchnorm_modules, norm_state_keys
+from fedgap.models.norm import batchnorm_modules, float_norm_keys
 from fedgap.progress import RunProgress
 
 CHECKPOINT_FORMAT = 1
@@ -83,11 +83,6 @@ def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> np.ndarr
     return np.sort(seeding.rng(seed, seeding.SAMPLING, round_).choice(num_clients, size=k, replace=False))
 
 
-def model_factory(cfg: Config, data: Dataset):
-    """A picklable-by-arguments builder for fresh (uninitialized-for-use) model instances in any process."""
-    return lambda: build_model(cfg.model, data.image_shape, data.num_classes)
-
-
 def initial_model(cfg: Config, data: Dataset) -> torch.nn.Module:
     torch.manual_seed(seeding.torch_seed(cfg.seed, seeding.INIT))
     return build_model(cfg.model, data.image_shape, data.num_classes)
@@ -114,7 +109,7 @@ class Experiment:
         model = initial_model(cfg, self.data)
         self.param_keys = [k for k, _ in model.named_parameters()]
         self.bn_layers = list(batchnorm_modules(model))
-        self.norm_keys = {k for k in norm_state_keys(model) if model.state_dict()[k].is_floating_point()}
+        self.norm_keys = float_norm_keys(model)
         self.hp = ClientHParams.from_config(cfg, self.norm_keys)
         self.objective = make_objective(cfg.client.objective, cfg.server.mu)
         self.server_opt = make_server_optimizer(cfg.server)
@@ -130,7 +125,7 @@ class Experiment:
         self.wall_seconds = 0.0
         if resume:
             self._load_checkpoint()
-        self.engine: Engine = engine_class(cfg.engine.name)(cfg, self.data, self.hp, model_factory(cfg, self.data))
+        self.engine: Engine = engine_class(cfg.engine.name)(cfg, self.data, self.hp)
         self.startup_seconds = time.perf_counter() - t0  # engine start is timed in run()
 
     # ------------------------------------------------------------------------------------------------ running

@@ -40,5 +40,11 @@ def norm_state_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def float_norm_keys(model: nn.Module) -> set[str]:
+    """The floating-point norm-layer keys: what the ``local`` (FedBN) policy keeps per client."""
+    state = model.state_dict()
+    return {k for k in norm_state_keys(model) if state[k].is_floating_point()}
+
+
 def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
