@@ -1,7 +1,8 @@
 """Evaluation of a model state on a set of images: accuracy and mean cross-entropy.
 
 Runs under inference mode in large batches. ``train_mode=True`` evaluates with BatchNorm normalizing by the
-statistics of each evaluation batch instead of its running averages: the doctor compares both to make the
+statistics of each evaluation batch instead of its running averages (other layers, dropout included, stay in
+eval mode): the doctor compares both to make the
 BatchNorm mismatch visible (running statistics are restored afterwards, nothing is changed).
 """
 
@@ -38,7 +39,11 @@ def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: to
     if state is not None:
         model.load_state_dict(state)
     saved = {k: v.clone() for k, v in model.state_dict().items()} if train_mode else None
-    model.train(train_mode)
+    model.eval()
+    if train_mode:  # only BatchNorm switches to batch statistics; dropout stays off
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.train()
     correct = 0
     loss_sum = 0.0
     for start in range(0, len(x), batch_size):

@@ -96,6 +96,10 @@ class Experiment:
         self.out = Path(out) if out is not None else None
         self.resume = resume
         self.callbacks = list(callbacks)
+        if cfg.eval.diagnostics:
+            from fedgap.diagnose.drift import Diagnostics
+
+            self.callbacks.append(Diagnostics())
         self.label = label or ("central" if cfg.data.partition == "central" else cfg.server.algorithm)
         self.show_progress, self.shared_progress = show_progress, progress
         t0 = time.perf_counter()

@@ -1,0 +1,1 @@
+"""The doctor: measure the federated-centralized gap, explain it, rank the remedies; and sweeps."""

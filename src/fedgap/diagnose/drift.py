@@ -1,0 +1,170 @@
+"""Diagnostics of a federated run: where does the accuracy gap come from?
+
+Measured on the global model at every evaluation round (``eval.diagnostics=true``; the doctor turns it on for
+the naive run). None of them changes the run's numbers: they only read states and run extra forward passes.
+
+- **BatchNorm statistics divergence**, per BN layer. For each sampled client, the per-channel mean and variance
+  of the layer's input over (up to ``max_samples`` of) the client's data, with the global model in eval mode,
+  i.e. the statistics that the client's batches have at that layer. Their distance to the global running
+  statistics (the ones the model normalizes with at test time) is ``bn_divergence``. It splits into two parts
+  that are also reported: ``bn_running_error``, the distance between the population statistics (all sampled
+  clients' data pooled) and the running statistics (what exact recalibration would remove), and
+  ``bn_client_spread``, the mean distance of the clients' statistics to the population (the label skew that
+  keeps any single set of statistics from fitting every client). The distance is the 2-Wasserstein distance
+  between the two per-channel Gaussians in units of the reference standard deviation,
+  ``sqrt((m_a - m_b)^2 + (s_a - s_b)^2) / s_b``, averaged over channels; layers are averaged for the headline
+  number, and each layer has its own column ``bn_divergence[<layer>]``.
+- **Train-mode vs eval-mode accuracy**: the global model on the test set with BatchNorm normalizing by each
+  test batch's own statistics (``train_mode_accuracy``) beside the usual eval-mode ``test_accuracy``. A large
+  positive difference is the BN mismatch made visible: the weights are fine, the running statistics are not.
+- **Client drift**: the clients' parameter updates Delta_i = y_i - x around their sample-weighted mean Delta:
+  ``client_drift`` = sqrt(sum_i p_i ||Delta_i - Delta||^2) / ||Delta|| (0 when all clients agree; above 1
+  when they disagree more than they agree) and ``update_cosine``, the weighted mean cosine between Delta_i
+  and Delta.
+- **Per-client accuracy**: the global model on a test subset drawn with each sampled client's label
+  proportions; mean, standard deviation, minimum and maximum over the clients (``client_acc_*``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedgap.fl.evaluate import label_matched_subset
+from fedgap.fl.normpolicy import Moments, sum_moments
+from fedgap.fl.state import State
+
+EPS = 1e-5  # BatchNorm's default eps: the distance stays finite for channels with (almost) no variance
+
+
+@torch.inference_mode()
+def bn_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layers: Sequence[str],
+                     batch_size: int = 512) -> dict[str, Moments]:
+    """Per-channel moments of every listed BatchNorm layer's input over ``x``, in one eval-mode pass."""
+    model.load_state_dict(state)
+    model.eval()
+    modules = dict(model.named_modules())
+    acc: dict[str, list[Moments]] = {name: [] for name in layers}
+    handles = []
+    for name in layers:
+        def hook(_module, inputs, name=name):
+            z = inputs[0].to(torch.float64)
+            dims = [d for d in range(z.dim()) if d != 1]
+            acc[name].append(Moments(z.numel() // z.shape[1], z.sum(dims), (z * z).sum(dims)))
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        for start in range(0, len(x), batch_size):
+            model(x[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sum_moments(parts) for name, parts in acc.items()}
+
+
+def gaussian_distance(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor,
+                      var_b: torch.Tensor) -> float:
+    """Channel-mean 2-Wasserstein distance between N(mean_a, var_a) and N(mean_b, var_b), in units of the
+    standard deviation of b."""
+    sd_a, sd_b = (var_a.double() + EPS).sqrt(), (var_b.double() + EPS).sqrt()
+    w2 = ((mean_a.double() - mean_b.double()) ** 2 + (sd_a - sd_b) ** 2).sqrt()
+    return float((w2 / sd_b).mean())
+
+
+@dataclass
+class BNDivergence:
+    divergence: dict[str, float]  # layer -> weighted mean over clients of d(client, running)
+    running_error: dict[str, float]  # layer -> d(pooled, running)
+    client_spread: dict[str, float]  # layer -> weighted mean over clients of d(client, pooled)
+
+    def means(self) -> dict[str, float]:
+        mean = lambda d: float(np.mean(list(d.values()))) if d else math.nan  # noqa: E731
+        return {"bn_divergence": mean(self.divergence), "bn_running_error": mean(self.running_error),
+                "bn_client_spread": mean(self.client_spread)}
+
+
+def bn_divergence(clients: Sequence[Mapping[str, Moments]], state: Mapping[str, torch.Tensor]) -> BNDivergence:
+    """Divergence of clients' BatchNorm input statistics from the running statistics in ``state``; clients are
+    weighted by how many values they contributed (their sample counts)."""
+    out = BNDivergence({}, {}, {})
+    if not clients:
+        return out
+    for layer in clients[0]:
+        run_mean, run_var = state[f"{layer}.running_mean"], state[f"{layer}.running_var"]
+        moments = [c[layer] for c in clients]
+        weights = np.array([m.count for m in moments], dtype=np.float64)
+        weights /= weights.sum()
+        pooled = sum_moments(moments)
+        out.divergence[layer] = float(sum(w * gaussian_distance(m.mean, m.var, run_mean, run_var)
+                                          for w, m in zip(weights, moments, strict=True)))
+        out.running_error[layer] = gaussian_distance(pooled.mean, pooled.var, run_mean, run_var)
+        out.client_spread[layer] = float(sum(w * gaussian_distance(m.mean, m.var, pooled.mean, pooled.var)
+                                             for w, m in zip(weights, moments, strict=True)))
+    return out
+
+
+@dataclass
+class Drift:
+    relative_spread: float  # sqrt(sum_i p_i ||d_i - d||^2) / ||d||
+    mean_cosine: float  # sum_i p_i cos(d_i, d)
+
+
+def client_drift(start: Mapping[str, torch.Tensor], finals: Sequence[Mapping[str, torch.Tensor]],
+                 weights: Sequence[float], keys: Sequence[str]) -> Drift:
+    """Spread of the clients' updates (final - start over ``keys``) around their weighted mean."""
+    p = torch.tensor(weights, dtype=torch.float64)
+    p = p / p.sum()
+    x = torch.cat([start[k].reshape(-1).double() for k in keys])
+    deltas = torch.stack([torch.cat([f[k].reshape(-1).double() for k in keys]) - x for f in finals])
+    mean = (p[:, None] * deltas).sum(0)
+    norm = float(mean.norm())
+    spread = float((p * ((deltas - mean) ** 2).sum(1)).sum().sqrt())
+    cos = torch.nn.functional.cosine_similarity(deltas, mean[None, :].expand_as(deltas), dim=1, eps=1e-30)
+    return Drift(spread / norm if norm > 0 else (0.0 if spread == 0 else math.inf), float((p * cos).sum()))
+
+
+class Diagnostics:
+    """The round callback that measures all of the above at every evaluation round."""
+
+    def __init__(self, max_samples: int = 512, personal_size: int = 500):
+        self.max_samples, self.personal_size = max_samples, personal_size
+
+    def on_round_end(self, info) -> dict[str, Any]:
+        if not info.evaluated:
+            return {}
+        exp, state = info.experiment, info.state
+        data, engine = exp.data, exp.engine
+        results = info.output.results
+        if not results:
+            return {}
+        row: dict[str, Any] = {}
+        weights = [float(r.num_samples) for r in results]
+        drift = client_drift(info.previous_state, [r.state for r in results], weights, exp.param_keys)
+        row["client_drift"], row["update_cosine"] = drift.relative_spread, drift.mean_cosine
+        if exp.bn_layers:
+            row["train_mode_accuracy"] = engine.evaluate(state, data.test_x, data.test_y, train_mode=True).accuracy
+            moments = []
+            for r in results:
+                rows = exp.parts[r.client_id][: self.max_samples]
+                moments.append(bn_input_moments(engine.model, state, data.train_x[torch.from_numpy(rows)],
+                                                exp.bn_layers))
+            div = bn_divergence(moments, state)
+            row.update(div.means())
+            row.update({f"bn_divergence[{layer}]": v for layer, v in div.divergence.items()})
+        accs = []
+        test_y, train_y = data.test_y.numpy(), data.train_y.numpy()
+        for r in results:
+            idx = label_matched_subset(test_y, train_y[exp.parts[r.client_id]], self.personal_size, exp.cfg.seed,
+                                       r.client_id)
+            if len(idx):
+                rows_t = torch.from_numpy(idx)
+                accs.append(engine.evaluate(state, data.test_x[rows_t], data.test_y[rows_t]).accuracy)
+        if accs:
+            a = np.array(accs)
+            row.update(client_acc_mean=float(a.mean()), client_acc_std=float(a.std()),
+                       client_acc_min=float(a.min()), client_acc_max=float(a.max()))
+        return row
