@@ -148,3 +148,17 @@ def test_too_few_surviving_clients_stop_with_a_resumable_checkpoint(tmp_path, ca
     assert code == 3
     assert "fewer than server.min_clients=2" in err and "InjectedClientFailure" in err
     assert not (out / "summary.json").exists()
+
+
+def test_two_processes_never_work_in_one_run_folder(tmp_path, capsys):
+    from fedgap.fl.outputs import RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = RunLock(out)  # as if another fedgap process were running there
+    try:
+        code, _, err = cli("run", *FAST, "server.rounds=1", "--out", str(out), "--quiet", capsys=capsys)
+        assert code == 2 and "another fedgap process is working in this folder" in err
+    finally:
+        held.release()
+    assert cli("run", *FAST, "server.rounds=1", "--out", str(out), "--quiet", capsys=capsys)[0] == 0

@@ -102,6 +102,7 @@ class Experiment:
             self.callbacks.append(Diagnostics())
         self.label = label or ("central" if cfg.data.partition == "central" else cfg.server.algorithm)
         self.show_progress, self.shared_progress = show_progress, progress
+        self._lock: outputs.RunLock | None = None
         t0 = time.perf_counter()
         # Data and partition first: a bad data file or partition setting must fail before --out is touched.
         self.data = load_dataset(cfg.data.name, cfg.data.root)
@@ -109,7 +110,7 @@ class Experiment:
         self.parts = partition(self.data.train_y.numpy(), d.partition, d.num_clients, seed=cfg.seed,
                                alpha=d.alpha, shards_per_client=d.shards_per_client, min_samples=d.min_samples)
         if self.out is not None:
-            outputs.prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
+            self._lock = outputs.prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         model = initial_model(cfg, self.data)
         self.param_keys = [k for k, _ in model.named_parameters()]
         self.bn_layers = list(batchnorm_modules(model))
@@ -140,6 +141,7 @@ class Experiment:
             outputs.atomic_write_text(self.out / outputs.CONFIG, dump_yaml(cfg))
         finished = self.round >= total or self.reached_target()
         if finished and self.out is not None and (self.out / outputs.SUMMARY).exists():
+            self._release()
             return self.summary()
         bar = RunProgress(self.label, total, self.round, self.shared_progress, self.show_progress)
         previous = _install_sigterm()
@@ -153,14 +155,21 @@ class Experiment:
                 bar.update(self.round, f"acc {acc:.2%}" if acc is not None else "")
             if self.round < total and self.out is not None:
                 self._save_checkpoint()  # stopped at the target: the checkpoint holds the final model
+            summary = self.summary()
+            if self.out is not None:
+                outputs.write_json(self.out / outputs.SUMMARY, summary)
         finally:
             bar.close()
             self.engine.close()
+            self._release()
             signal.signal(signal.SIGTERM, previous)
-        summary = self.summary()
-        if self.out is not None:
-            outputs.write_json(self.out / outputs.SUMMARY, summary)
         return summary
+
+    def _release(self) -> None:
+        """Give up the lock on --out (the run is over, finished or not)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def step(self) -> dict[str, Any]:
         """One round: returns its metrics row (also appended to self.rows and written out)."""

@@ -6,6 +6,7 @@ version of a file, never a torn one. A run is finished exactly when summary.json
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -91,8 +92,35 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FedgapError(f"checkpoint '{path}': cannot be read ({type(exc).__name__})") from None
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create ``out`` (or check it for resume) and make sure it is writable, before any work starts."""
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as a process works in it, so two processes (a doctor and
+    its re-run, two sweeps) never write one run. The kernel drops it when the process dies, however it dies."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise FedgapError(f"--out '{out}': another fedgap process is working in this folder") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
+    """Create ``out`` (or check it for resume), make sure it is writable and lock it, before any work starts.
+    The caller holds the returned lock until the run ends."""
     if out.exists() and not out.is_dir():
         raise FedgapError(f"--out '{out}': exists and is not a folder")
     try:
@@ -102,13 +130,16 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise FedgapError(f"--out '{out}': not writable ({exc.strerror or type(exc).__name__})") from None
+    lock = RunLock(out)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if resume:
-        return
+        return lock
     if existing and not overwrite:
+        lock.release()
         finished = (out / SUMMARY).exists()
         what = "a finished run" if finished else "an unfinished run"
         hint = "choose another --out or pass --overwrite" if finished else "continue it with --resume, or --overwrite"
         raise FedgapError(f"--out '{out}': already holds {what}; {hint}")
     for name in existing:
         (out / name).unlink()
+    return lock
