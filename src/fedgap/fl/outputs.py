@@ -118,9 +118,8 @@ class RunLock:
         self.release()
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
-    """Create ``out`` (or check it for resume), make sure it is writable and lock it, before any work starts.
-    The caller holds the returned lock until the run ends."""
+def prepare_dir(out: Path) -> None:
+    """Create the folder ``out`` and check that it is writable: a one-line error before any work starts."""
     if out.exists() and not out.is_dir():
         raise FedgapError(f"--out '{out}': exists and is not a folder")
     try:
@@ -130,6 +129,12 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
         probe.unlink()
     except OSError as exc:
         raise FedgapError(f"--out '{out}': not writable ({exc.strerror or type(exc).__name__})") from None
+
+
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
+    """Create ``out`` (or check it for resume), make sure it is writable and lock it, before any work starts.
+    The caller holds the returned lock until the run ends."""
+    prepare_dir(out)
     lock = RunLock(out)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if resume:

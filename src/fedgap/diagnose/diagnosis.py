@@ -1,0 +1,171 @@
+"""The doctor's written diagnosis: short findings, each built only from numbers measured in this doctor run.
+
+Rules that keep it honest: a cause is named as dominant only when its remedies closed the largest share of the
+gap and at least half of it; differences smaller than the noise (twice the seed-to-seed standard deviation, or
+1 pp when only one seed ran) are called ties, not wins; a diagnostic is reported with the value it had,
+averaged over the naive run's last evaluations so one noisy round does not decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fedgap.diagnose.gap import GapRow
+from fedgap.diagnose.pool import RunRecord
+from fedgap.diagnose.variants import CAUSES
+
+LAST = 3  # evaluations averaged for the naive run's diagnostics
+ONE_SEED_NOISE_PP = 1.0  # assumed resolution with a single seed (say so in the text)
+
+
+@dataclass
+class Finding:
+    title: str
+    text: str
+    kind: str = "info"  # info | cause | remedy | caveat
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def late_mean(records: list[RunRecord], key: str) -> float | None:
+    """Mean over seeds of the mean over the last LAST evaluated values of ``key``."""
+    per_seed = []
+    for rec in records:
+        values = [float(r[key]) for r in rec.rows if r.get(key) is not None]
+        if values:
+            per_seed.append(float(np.mean(values[-LAST:])))
+    return float(np.mean(per_seed)) if per_seed else None
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_recs: list[RunRecord],
+                    partition: dict, noise: float | None, seeds: int, target: float,
+                    target_source: str) -> list[Finding]:
+    by = {r.variant: r for r in rows}
+    central, naive = by.get("central"), by.get("naive")
+    out: list[Finding] = []
+    if central is None or naive is None or central.final_test_accuracy is None or naive.final_test_accuracy is None:
+        return [Finding("No diagnosis", "the centralized or the naive run did not finish; see the table", "caveat")]
+    tie = 2 * noise if noise is not None else ONE_SEED_NOISE_PP
+    gap = naive.gap_pp or 0.0
+
+    equal = ""
+    if naive.gap_equal_samples_pp is not None:
+        equal = (f"; against centralized training on the same number of training samples the gap is "
+                 f"{naive.gap_equal_samples_pp:.2f} pp")
+    out.append(Finding("The gap", (
+        f"Centralized training of the same model reaches {pct(central.final_test_accuracy)} after "
+        f"{central.rounds} epochs. The naive federated run reaches {pct(naive.final_test_accuracy)} after "
+        f"{naive.rounds} rounds: {gap:.2f} pp below{equal}."), "info"))
+    if gap <= tie:
+        out.append(Finding("No meaningful gap", (
+            f"The naive gap ({gap:.2f} pp) is within the noise ({tie:.2f} pp): there is little to fix in this "
+            f"setting."), "caveat"))
+
+    train_mode = late_mean(naive_recs, "train_mode_accuracy")
+    eval_mode = late_mean(naive_recs, "test_accuracy")
+    if train_mode is not None and eval_mode is not None:
+        diff = 100 * (train_mode - eval_mode)
+        running, spread = late_mean(naive_recs, "bn_running_error"), late_mean(naive_recs, "bn_client_spread")
+        split = ""
+        if running is not None and spread is not None:
+            split = (f" Their distance to the clients' statistics splits into {running:.3f} between the running "
+                     f"statistics and the pooled client data (what recalibration removes) and {spread:.3f} "
+                     f"between single clients and the pool (label skew), in standard deviations.")
+        if diff > tie:
+            text = (f"Normalizing each test batch by its own statistics, the naive global model scores "
+                    f"{pct(train_mode)} instead of {pct(eval_mode)} (+{diff:.2f} pp, last {LAST} evaluations): "
+                    f"its weights are better than its BatchNorm running statistics.{split}")
+            out.append(Finding("BatchNorm statistics are wrong", text, "cause"))
+        else:
+            text = (f"With test-batch statistics the naive global model scores {pct(train_mode)} against "
+                    f"{pct(eval_mode)} with its running statistics ({diff:+.2f} pp, within {tie:.2f} pp): the "
+                    f"running statistics are not what holds it back.{split}")
+            out.append(Finding("BatchNorm statistics are fine", text, "info"))
+
+    drift = late_mean(naive_recs, "client_drift")
+    cosine = late_mean(naive_recs, "update_cosine")
+    if drift is not None:
+        agree = "more than they agree" if drift > 1 else "less than they agree"
+        out.append(Finding("Client drift", (
+            f"The clients' updates spread {drift:.2f} times the length of their mean update around it (mean cosine "
+            f"to the mean {cosine:.2f}): the clients disagree {agree}."), "info"))
+
+    acc_std, acc_min, acc_max = (late_mean(naive_recs, k) for k in ("client_acc_std", "client_acc_min",
+                                                                      "client_acc_max"))
+    hetero = (f"The partition gives each client {partition['classes_per_client_mean']:.1f} labels on average; the "
+              f"mean total-variation distance between a client's label mix and the global one is "
+              f"{partition['mean_tv_distance']:.2f} (0 = IID, 1 = disjoint).")
+    if acc_std is not None:
+        hetero += (f" On test sets drawn with each sampled client's label mix, the global model's accuracy ranges "
+                   f"from {pct(acc_min)} to {pct(acc_max)} (standard deviation {100 * acc_std:.1f} pp).")
+    out.append(Finding("Label heterogeneity", hetero, "info"))
+
+    out += _remedy_findings(rows, naive, gap, tie)
+    if seeds == 1:
+        out.append(Finding("One seed", (
+            f"Every variant ran with one seed, so differences below about {ONE_SEED_NOISE_PP:.0f} pp are not "
+            f"resolved; `--seeds 3` gives means and standard deviations."), "caveat"))
+    out.append(Finding("Rounds to target", (
+        f"Rounds to target count the rounds until a variant first reaches {pct(target)} ({target_source})."),
+        "info"))
+    return out
+
+
+def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float) -> list[Finding]:
+    out: list[Finding] = []
+    remedies = [r for r in rows if r.cause in CAUSES and r.final_test_accuracy is not None]
+    if not remedies or gap <= 0:
+        return out
+    best_by_cause = {}
+    for r in remedies:
+        if r.cause not in best_by_cause or r.final_test_accuracy > best_by_cause[r.cause].final_test_accuracy:
+            best_by_cause[r.cause] = r
+    parts = []
+    for cause in CAUSES:
+        r = best_by_cause.get(cause)
+        if r is not None and r.gap_closed is not None:
+            parts.append(f"{cause}: {r.label} closes {100 * r.gap_closed:.0f}% ({pct(r.final_test_accuracy)})")
+    out.append(Finding("What each kind of remedy closes", "; ".join(parts) + ".", "remedy"))
+
+    ranked = sorted(best_by_cause.values(), key=lambda r: -(r.gap_closed or -1e9))
+    top = ranked[0]
+    if top.gap_closed is not None and top.gap_closed >= 0.5 and \
+            (len(ranked) == 1 or (top.gap_closed - (ranked[1].gap_closed or 0)) * gap > tie):
+        out.append(Finding(f"The dominant cause: {top.cause}", (
+            f"{top.label} alone closes {100 * top.gap_closed:.0f}% of the {gap:.2f} pp gap, more than the best "
+            f"remedy of any other kind."), "cause"))
+    elif top.gap_closed is not None and top.gap_closed >= 0.5:
+        tied = [r for r in ranked if (top.gap_closed - (r.gap_closed or 0)) * gap <= tie]
+        out.append(Finding("No single dominant cause", (
+            "Remedies of different kinds close similar shares of the gap: "
+            + ", ".join(f"{r.label} ({100 * r.gap_closed:.0f}%)" for r in tied) + "."), "cause"))
+    else:
+        out.append(Finding("No remedy closes most of the gap", (
+            f"The best single remedy, {top.label}, closes {100 * (top.gap_closed or 0):.0f}%. What remains may be "
+            f"too few rounds or too little data per client."), "cause"))
+
+    everything = [r for r in rows if r.variant not in ("central", "naive") and r.final_test_accuracy is not None]
+    best = max(everything, key=lambda r: r.final_test_accuracy)
+    tied = [r for r in everything if r is not best and 100 * (best.final_test_accuracy - r.final_test_accuracy) <= tie]
+    text = (f"{best.label}: {pct(best.final_test_accuracy)}, {best.gap_pp:.2f} pp below centralized training, "
+            f"{100 * (best.gap_closed or 0):.0f}% of the naive gap closed.")
+    if best.changes:
+        text += f" Set: `{best.changes}`."
+    if tied:
+        text += " Within the noise of it: " + ", ".join(f"{r.label} ({pct(r.final_test_accuracy)})" for r in tied) + "."
+    out.append(Finding("What to use", text, "remedy"))
+
+    hurt = [r for r in remedies if 100 * (naive.final_test_accuracy - r.final_test_accuracy) > tie]
+    if hurt:
+        out.append(Finding("Remedies that hurt here", ", ".join(
+            f"{r.label} ({pct(r.final_test_accuracy)}, {100 * (r.final_test_accuracy - naive.final_test_accuracy):+.2f}"
+            f" pp)" for r in hurt) + " do worse than the naive run in this setting (with these hyper-parameters).",
+            "caveat"))
+    return out

@@ -1,0 +1,132 @@
+"""The gap table: every number in it is computed here from the runs' own metrics.
+
+- ``gap_pp``: centralized final accuracy minus the variant's final accuracy, in percentage points.
+- ``gap_equal_samples_pp``: the same against the centralized run's accuracy after the same number of training
+  samples as the variant processed (linear in samples between the centralized run's epochs): federated
+  training is compared with centralized training given the same compute.
+- ``gap_closed``: the share of the naive run's gap that the variant closes, (gap_naive - gap) / gap_naive.
+- ``rounds_to_target``: the first evaluated round at which the variant reaches the target accuracy (the mean
+  over seeds that reached it; ``reached`` says how many did).
+Means and standard deviations are over seeds (standard deviation 0 with one seed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fedgap.diagnose.pool import RunRecord
+
+
+@dataclass
+class GapRow:
+    variant: str
+    label: str
+    cause: str
+    seeds: int
+    final_test_accuracy: float | None
+    final_std: float | None
+    best_test_accuracy: float | None
+    best_std: float | None
+    gap_pp: float | None
+    gap_equal_samples_pp: float | None
+    gap_closed: float | None
+    rounds_to_target: float | None
+    reached: int
+    rounds: int
+    wall_seconds: float
+    changes: str
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def accuracies(record: RunRecord) -> list[tuple[int, float]]:
+    return [(int(r["round"]), float(r["test_accuracy"])) for r in record.rows if r.get("test_accuracy") is not None]
+
+
+def first_round_at(record: RunRecord, target: float) -> int | None:
+    return next((rnd for rnd, acc in accuracies(record) if acc >= target - 1e-12), None)
+
+
+def accuracy_at_samples(central: RunRecord, samples: float) -> float | None:
+    """The centralized run's test accuracy after ``samples`` training samples, linear between its
+    evaluations; None before its first evaluation and beyond its end (no measurement there)."""
+    xs, ys = [0.0], [None]
+    total = 0.0
+    for r in central.rows:
+        total += float(r["samples"])
+        if r.get("test_accuracy") is not None:
+            xs.append(total)
+            ys.append(float(r["test_accuracy"]))
+    if len(xs) < 2 or samples > xs[-1] + 1e-9:
+        return None
+    if samples < xs[1]:
+        return None  # less than the first evaluated epoch: no measurement to compare with
+    i = max(2, int(np.searchsorted(xs, samples)))
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (samples - x0) / (x1 - x0)
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values))
+
+
+def train_samples(record: RunRecord) -> float:
+    return float(sum(float(r["samples"]) for r in record.rows))
+
+
+def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: str, naive_key: str,
+             target: float) -> list[GapRow]:
+    """One row per variant (central and naive included), ranked by final accuracy (failed runs last)."""
+    central = [r for r in records[central_key] if r.ok]
+    central_final = _mean_std([r.summary["final_test_accuracy"] for r in central])[0]
+    rows: list[GapRow] = []
+    for v in variants:
+        recs = records[v.key]
+        ok = [r for r in recs if r.ok]
+        finals = [r.summary["final_test_accuracy"] for r in ok if r.summary["final_test_accuracy"] is not None]
+        bests = [r.summary["best_test_accuracy"] for r in ok if r.summary["best_test_accuracy"] is not None]
+        final, final_std = _mean_std(finals)
+        best, best_std = _mean_std(bests)
+        gap = None if final is None or central_final is None else 100 * (central_final - final)
+        equal = []
+        for r, c in zip(ok, central, strict=False):  # seed i against central seed i
+            at = accuracy_at_samples(c, train_samples(r))
+            if at is not None and r.summary["final_test_accuracy"] is not None:
+                equal.append(100 * (at - r.summary["final_test_accuracy"]))
+        reached = [first_round_at(r, target) for r in ok]
+        hit = [x for x in reached if x is not None]
+        rows.append(GapRow(
+            variant=v.key, label=v.label, cause=v.cause, seeds=len(ok), final_test_accuracy=final,
+            final_std=final_std, best_test_accuracy=best, best_std=best_std, gap_pp=gap,
+            gap_equal_samples_pp=float(np.mean(equal)) if equal else None, gap_closed=None,
+            rounds_to_target=float(np.mean(hit)) if hit else None, reached=len(hit),
+            rounds=max((r.summary["rounds_completed"] for r in ok), default=0),
+            wall_seconds=float(sum(r.summary["wall_seconds"] for r in ok)),
+            changes=" ".join(v.overrides), error=next((r.error for r in recs if r.error), None),
+        ))
+    naive = next(r for r in rows if r.variant == naive_key)
+    for row in rows:
+        if row.variant == central_key or row.gap_pp is None or naive.gap_pp is None or naive.gap_pp <= 0:
+            continue
+        row.gap_closed = (naive.gap_pp - row.gap_pp) / naive.gap_pp
+    return sorted(rows, key=lambda r: (r.final_test_accuracy is None,
+                                       -(r.final_test_accuracy if r.final_test_accuracy is not None else 0)))
+
+
+def noise_pp(rows: list[GapRow]) -> float | None:
+    """Typical seed-to-seed standard deviation of final accuracy (pp), when there are several seeds."""
+    stds = [100 * r.final_std for r in rows if r.seeds > 1 and r.final_std is not None]
+    return float(np.median(stds)) if stds else None
+
+
+def fmt_pct(x: float | None, std: float | None = None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.2f}%" + (f" ± {100 * std:.2f}" if std else "")

@@ -1,0 +1,123 @@
+"""``fedgap sweep``: the grid of every combination of comma-separated override values, run on the pool with
+the doctor's caching (``OUT/runs``), then a comparison table (terminal and ``sweep.csv``), accuracy curves
+(``sweep.png``) and ``summary.json``.
+
+    fedgap sweep model.norm=batch,group server.algorithm=fedavg,fedadam server.rounds=30 --out runs/sweep
+
+Commas inside brackets belong to one value (``engine.fail_clients=[1,2]``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import re
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from fedgap.config import load_config
+from fedgap.diagnose.gap import first_round_at, fmt_pct
+from fedgap.diagnose.pool import RunSpec, run_all
+from fedgap.errors import ConfigError
+from fedgap.fl import outputs
+
+COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds_to_target", "seconds_per_round", "wall_seconds"]
+
+
+def split_values(raw: str) -> list[str]:
+    """'a,b,[1,2]' -> ['a', 'b', '[1,2]']: commas at bracket depth 0 separate values."""
+    values, depth, current = [], 0, ""
+    for ch in raw:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += ch
+    values.append(current)
+    return [v.strip() for v in values]
+
+
+def grid(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(swept keys, one override list per grid point); fixed overrides come first in every point."""
+    fixed, axes = [], []
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        values = split_values(raw)
+        if len(values) == 1:
+            fixed.append(item)
+        else:
+            if any(v == "" for v in values):
+                raise ConfigError(f"sweep '{item}': empty value in the list")
+            axes.append([f"{key}={v}" for v in values])
+    points = [fixed + list(combo) for combo in itertools.product(*axes)] if axes else [fixed]
+    return [a[0].split("=", 1)[0] for a in axes], points
+
+
+def slug(items: list[str]) -> str:
+    text = "_".join(i.split("=", 1)[1] for i in items) or "base"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "point"
+
+
+@click.command(epilog="Values separated by commas make a grid axis; a single value is a plain override.")
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=V1,V2 ...]...")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sweep"), show_default=True,
+              help="Folder for sweep.csv, sweep.png, summary.json and the cached runs.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=None, help="Runs at once (default: one per core).")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def sweep(args, out, jobs, quiet):
+    """Run a grid of experiments (cached and resumable like the doctor) and compare them."""
+    from fedgap.cli import err_console, out_console, split_config_args
+
+    path, overrides = split_config_args(args)
+    keys, points = grid(overrides)
+    specs = []
+    for point in points:
+        cfg = load_config(path, point)  # every point validated before anything runs
+        swept = [p for p in point if p.split("=", 1)[0] in keys]
+        specs.append(RunSpec(slug(swept), cfg))
+    outputs.prepare_dir(out)
+    records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=not quiet)
+
+    table = Table(title=f"fedgap sweep: {len(records)} runs", title_justify="left")
+    for k in keys:
+        table.add_column(k)
+    for col in ("final acc", "best acc", "rounds to target", "s/round"):
+        table.add_column(col, justify="right")
+    rows = []
+    for spec, point, rec in zip(specs, points, records, strict=True):
+        values = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in point}
+        s = rec.summary or {}
+        row = {k: values[k] for k in keys}
+        row.update({c: s.get(c) for c in COLUMNS})
+        row["rounds_to_target"] = first_round_at(rec, spec.cfg.eval.target) if rec.ok else None
+        row["run_dir"] = str(rec.run_dir.relative_to(out))
+        row["error"] = rec.error
+        rows.append(row)
+    rows.sort(key=lambda r: -(r["final_test_accuracy"] or -1))
+    for r in rows:
+        table.add_row(*[str(r[k]) for k in keys], fmt_pct(r["final_test_accuracy"]), fmt_pct(r["best_test_accuracy"]),
+                      "not reached" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
+                      "-" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.2f}",
+                      style="red" if r["error"] else None)
+    out_console.print(table)
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*keys, *COLUMNS, "run_dir", "error"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+    outputs.atomic_write_text(out / "sweep.csv", buf.getvalue())
+    from fedgap.report.plots import save, sweep_figure
+
+    curves = [(spec.name, [(r["round"], r["test_accuracy"]) for r in rec.rows if r.get("test_accuracy") is not None])
+              for spec, rec in zip(specs, records, strict=True)]
+    save(sweep_figure(curves), out / "sweep.png")
+    outputs.write_json(out / "summary.json", {"keys": keys, "points": rows, "command": " ".join(["fedgap", "sweep",
+                                                                                                 *args])})
+    err_console.print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}", highlight=False)

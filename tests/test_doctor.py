@@ -1,0 +1,196 @@
+"""The doctor end to end on a tiny real data set, its caching and resumption, and its pieces on constructed
+cases (variant construction, the gap arithmetic, the diagnosis rules)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import cli, tiny_args
+from fedgap.config import config_to_dict, load_config
+from fedgap.diagnose import variants as V
+from fedgap.diagnose.diagnosis import write_diagnosis
+from fedgap.diagnose.gap import GapRow, accuracy_at_samples, gap_rows
+from fedgap.diagnose.pool import RunRecord, RunSpec
+from fedgap.fl.outputs import RunLock
+
+GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target"]
+
+
+def flat(cfg):
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+    walk(config_to_dict(cfg), "")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- variants
+def test_each_remedy_changes_only_its_own_keys():
+    preset = V.PRESETS["full"]
+    tree = V.base_tree(preset, None, [])
+    naive = V.config_from_dict(tree)
+    singles, skipped = V.single_variants(naive, tree, preset)
+    assert [v.key for v in singles] == [r.key for r in V.REMEDIES] and not skipped
+    base = flat(naive)
+    for v in singles:
+        changed = {k for k, val in flat(v.cfg).items() if base[k] != val}
+        wanted = {o.split("=")[0] for o in v.overrides}
+        # a preset key may resolve along (nothing else may move)
+        assert changed and changed <= wanted, (v.key, changed, wanted)
+
+
+def test_batchnorm_remedies_are_skipped_without_batchnorm_and_user_settings_win():
+    preset = V.PRESETS["quick"]
+    tree = V.base_tree(preset, None, ["model.norm=group", "server.rounds=7"])
+    naive = V.config_from_dict(tree)
+    assert naive.server.rounds == 7 and naive.eval.every == preset.eval_every
+    singles, skipped = V.single_variants(naive, tree, preset)
+    keys = {v.key for v in singles}
+    assert "fedbn" not in keys and "recalibrate" not in keys and "groupnorm" not in keys
+    assert any("no BatchNorm" in s for s in skipped) and any("already part of" in s for s in skipped)
+
+
+def test_central_baseline_is_one_client_with_the_same_model_and_optimizer():
+    naive = load_config(overrides=["server.algorithm=scaffold", "server.optimizer=adam", "client.lr=0.02",
+                                   "model.norm_policy=local"])
+    central = V.central_config(naive, 4)
+    assert central.data.partition == "central" and central.data.num_clients == 1
+    assert (central.server.optimizer, central.server.lr, central.client.objective) == ("sgd", 1.0, "local")
+    assert central.model.norm_policy == "average" and central.server.rounds == 4
+    assert (central.client.lr, central.client.optimizer, central.model.name) == (0.02, "sgd", naive.model.name)
+
+
+def test_combination_takes_the_winners_overrides_once():
+    tree = V.base_tree(V.PRESETS["quick"], None, [])
+    naive = V.config_from_dict(tree)
+    singles = {v.key: v for v in V.single_variants(naive, tree, V.PRESETS["full"])[0]}
+    combo = V.combination(tree, [singles["fedbn"], singles["fedadam"]])
+    assert combo.cfg.model.norm_policy == "local" and combo.cfg.server.optimizer == "adam"
+    assert V.combination(tree, [singles["fedbn"]]) is None
+
+
+# ----------------------------------------------------------------------------------------- gap arithmetic
+def record(name, accs, samples_per_round, final=None):
+    rows = [{"round": i + 1, "test_accuracy": a, "samples": samples_per_round} for i, a in enumerate(accs)]
+    summary = {"final_test_accuracy": accs[-1] if final is None else final, "best_test_accuracy": max(accs),
+               "rounds_completed": len(accs), "wall_seconds": 1.0}
+    return RunRecord(RunSpec(name, load_config()), None, summary, rows)
+
+
+def test_equal_samples_accuracy_interpolates_between_central_epochs():
+    central = record("c", [0.90, 0.96, 0.98], 1000)
+    assert accuracy_at_samples(central, 1500) == pytest.approx(0.93)
+    assert accuracy_at_samples(central, 3000) == pytest.approx(0.98)
+    assert accuracy_at_samples(central, 500) is None  # before the first measurement
+    assert accuracy_at_samples(central, 3001) is None  # beyond the run
+
+
+def test_gap_rows_rank_and_share_closed():
+    variants = [V.Variant("central", "centralized", "", None), V.Variant("naive", "naive", "", None),
+                V.Variant("fedbn", "FedBN", V.NORMALIZATION, None)]
+    records = {"central": [record("c", [0.95, 0.99], 1000)], "naive": [record("n", [0.5, 0.7, 0.89], 500)],
+               "fedbn": [record("b", [0.9, 0.95, 0.97], 500)]}
+    rows = gap_rows(variants, records, "central", "naive", target=0.95)
+    assert [r.variant for r in rows] == ["central", "fedbn", "naive"]
+    by = {r.variant: r for r in rows}
+    assert by["naive"].gap_pp == pytest.approx(10.0)
+    assert by["fedbn"].gap_pp == pytest.approx(2.0)
+    assert by["fedbn"].gap_closed == pytest.approx(0.8)
+    # 1500 samples: the centralized run has 0.95 + 0.5 * 0.04 = 0.97 there
+    assert by["fedbn"].gap_equal_samples_pp == pytest.approx(0.0, abs=1e-9)
+    assert by["fedbn"].rounds_to_target == 2 and by["naive"].rounds_to_target is None
+
+
+def row(variant, cause, acc, gap, closed):
+    return GapRow(variant, variant, cause, 1, acc, 0.0, acc, 0.0, gap, gap, closed, None, 0, 10, 1.0, "")
+
+
+def test_diagnosis_names_the_dominant_cause_only_when_the_numbers_say_so():
+    central = row("central", "", 0.99, 0.0, None)
+    naive = row("naive", "", 0.89, 10.0, 0.0)
+    part = {"classes_per_client_mean": 3.0, "mean_tv_distance": 0.6}
+    rows = [central, row("fedbn", V.NORMALIZATION, 0.98, 1.0, 0.9), row("fedprox", V.DRIFT, 0.90, 9.0, 0.1), naive]
+    titles = [f.title for f in write_diagnosis(rows, [], [], part, None, 1, 0.89, "x")]
+    assert "The dominant cause: normalization" in titles
+    rows = [central, row("fedbn", V.NORMALIZATION, 0.95, 4.0, 0.6), row("scaffold", V.DRIFT, 0.949, 4.1, 0.59), naive]
+    titles = [f.title for f in write_diagnosis(rows, [], [], part, None, 1, 0.89, "x")]
+    assert "No single dominant cause" in titles
+    rows = [central, row("fedbn", V.NORMALIZATION, 0.90, 9.0, 0.1), naive]
+    titles = [f.title for f in write_diagnosis(rows, [], [], part, None, 1, 0.89, "x")]
+    assert "No remedy closes most of the gap" in titles
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def test_doctor_writes_table_report_and_summary(doctored):
+    out, done = doctored
+    assert "gap to centralized training, ranked" in done.stdout and "naive" in done.stdout
+    with open(out / "gap.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:4] == GAP_COLUMNS
+    keys = {r["variant"] for r in rows}
+    assert {"central", "naive", "groupnorm", "fedbn", "recalibrate", "fedprox", "scaffold", "fedavgm", "fedadam",
+            "adamw", "augment"} <= keys
+    central = next(r for r in rows if r["variant"] == "central")
+    assert float(central["gap_pp"]) == 0.0
+    for r in rows:  # every gap is the centralized accuracy minus the variant's, as printed
+        expected = 100 * (float(central["final_test_accuracy"]) - float(r["final_test_accuracy"]))
+        assert float(r["gap_pp"]) == pytest.approx(expected, abs=1e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preset"] == "quick" and summary["preset_cut"]
+    assert {v["variant"] for v in summary["variants"]} == keys
+    assert summary["naive_diagnostics"]["bn_divergence"] and summary["diagnosis"]
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4
+    assert "http://" not in page and "https://" not in page  # self-contained, works offline
+    assert "The gap" in page and "This run leaves out" in page
+
+
+def test_a_second_doctor_reuses_every_run(doctored, tiny_idx):
+    out, _ = doctored
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
+    t0 = time.monotonic()
+    again = subprocess.run([sys.executable, "-m", "fedgap", "doctor", *tiny_args(tiny_idx), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")} == stamps
+    assert time.monotonic() - t0 < 60
+
+
+def test_killed_doctor_resumes_without_redoing_finished_runs(tiny_idx, tmp_path):
+    out = tmp_path / "d"
+    args = [sys.executable, "-m", "fedgap", "doctor", *tiny_args(tiny_idx), "server.rounds=4", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    try:
+        while len(list(out.glob("runs/*/summary.json"))) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    time.sleep(1.0)  # the workers die with the doctor: every run folder can be locked again
+    for run in out.glob("runs/*"):
+        RunLock(run).release()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    assert not (out / "report.html").exists()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    assert (out / "report.html").exists()
+
+
+def test_doctor_rejects_a_central_partition(capsys):
+    code, _, err = cli("doctor", "data.partition=central", "--out", "/tmp/never", capsys=capsys)
+    assert code == 2 and "data.partition" in err and "Traceback" not in err

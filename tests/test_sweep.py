@@ -1,0 +1,38 @@
+"""fedgap sweep: grid parsing, and a real tiny grid through the CLI with caching."""
+
+import csv
+
+from conftest import cli, tiny_args
+from fedgap.diagnose.sweep import grid, split_values
+
+
+def test_commas_inside_brackets_stay_in_one_value():
+    assert split_values("a,b,[1,2],{x: 1, y: 2}") == ["a", "b", "[1,2]", "{x: 1, y: 2}"]
+
+
+def test_grid_is_the_product_of_the_listed_values():
+    keys, points = grid(["server.rounds=3", "model.norm=batch,group", "client.lr=0.1,0.01,0.001"])
+    assert keys == ["model.norm", "client.lr"]
+    assert len(points) == 6 and all(p[0] == "server.rounds=3" for p in points)
+    assert ["server.rounds=3", "model.norm=group", "client.lr=0.001"] in points
+
+
+def test_sweep_runs_the_grid_and_reuses_it(tiny_idx, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", *tiny_args(tiny_idx), "model.norm=batch,group", "--out", str(out), "--jobs", "1", "--quiet"]
+    code, stdout, err = cli(*args, capsys=capsys)
+    assert code == 0, err
+    with open(out / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["model.norm"] for r in rows) == ["batch", "group"]
+    assert all(0 <= float(r["final_test_accuracy"]) <= 1 for r in rows)
+    assert (out / "sweep.png").stat().st_size > 1000 and (out / "summary.json").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    assert len(stamps) == 2
+    assert cli(*args, capsys=capsys)[0] == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps
+
+
+def test_a_bad_grid_value_is_one_line_naming_the_key(capsys):
+    code, _, err = cli("sweep", "model.norm=batch,banana", "--out", "/tmp/never-sweep", capsys=capsys)
+    assert code == 2 and "model.norm" in err and "Traceback" not in err
