@@ -150,6 +150,8 @@ def test_doctor_writes_table_report_and_summary(doctored):
     assert summary["preset"] == "quick" and summary["preset_cut"]
     assert {v["variant"] for v in summary["variants"]} == keys
     assert summary["naive_diagnostics"]["bn_divergence"] and summary["diagnosis"]
+    md = (out / "gap.md").read_text()
+    assert "| # | variant | final accuracy |" in md and md.count("\n| ") == len(rows) + 1
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page  # self-contained, works offline

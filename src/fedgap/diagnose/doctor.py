@@ -210,8 +210,10 @@ def summary_dict(res: DoctorResult) -> dict[str, Any]:
 
 def write_outputs(res: DoctorResult) -> None:
     from fedgap.report.html import write_report
+    from fedgap.report.markdown import render_markdown
 
     outputs.atomic_write_text(res.out / "gap.csv", gap_csv(res.rows))
+    outputs.atomic_write_text(res.out / "gap.md", render_markdown(res))
     summary = summary_dict(res)
     outputs.write_json(res.out / "summary.json", summary)
     write_report(res, res.out / "report.html")
