@@ -97,8 +97,13 @@ class EvalConfig(_Section):
 class EngineConfig(_Section):
     name: EngineName = Field("sequential", description="how client updates run; never changes results")
     workers: int | None = Field(None, ge=1, description="worker processes (default: CPU cores)")
+    start_method: Literal["fork", "forkserver", "spawn"] | None = Field(
+        None, description="parallel: how workers start (default: fork on Linux, else spawn)")
     threads: int | None = Field(None, ge=1, description="intra-op threads in the main process")
     device: str = Field("cpu", description="torch device for engines that support it (vectorized, ray)")
+    cohort_size: int = Field(10, ge=1, description=(
+        "vectorized: clients trained together as one batched model (more clients run in several cohorts; "
+        "lower it if memory runs out)"))
     channels_last: bool = Field(True, description="NHWC memory layout (measured faster on CPU for this model family)")
     compile: bool = Field(False, description="torch.compile the client model")
     address: str = Field("local", description="ray: local | auto | ray://host:port")
@@ -106,6 +111,9 @@ class EngineConfig(_Section):
     gpus_per_client: float = Field(0.0, ge=0, description="ray: GPUs (fractions allowed) per client actor")
     max_retries: int = Field(2, ge=0, description="retries of a failed client task before it is dropped")
     fail_clients: list[int] = Field(default_factory=list, description="fault injection: these clients raise")
+    crash_clients: list[int] = Field(default_factory=list, description=(
+        "fault injection (ray): the actor running one of these clients' first attempt in a round exits "
+        "(os._exit), so the retry runs on a healthy actor"))
 
 
 class CheckpointConfig(_Section):

@@ -146,7 +146,7 @@ class Diagnostics:
         drift = client_drift(info.previous_state, [r.state for r in results], weights, exp.param_keys)
         row["client_drift"], row["update_cosine"] = drift.relative_spread, drift.mean_cosine
         if exp.bn_layers:
-            row["train_mode_accuracy"] = engine.evaluate(state, data.test_x, data.test_y, train_mode=True).accuracy
+            row["train_mode_accuracy"] = engine.evaluate_test(state, train_mode=True).accuracy
             moments = []
             for r in results:
                 rows = exp.parts[r.client_id][: self.max_samples]

@@ -8,6 +8,9 @@ from fedgap.engines.base import ClientFailure, Engine, RoundOutput
 
 ENGINES = {
     "sequential": "fedgap.engines.sequential:SequentialEngine",
+    "vectorized": "fedgap.engines.vectorized:VectorizedEngine",
+    "parallel": "fedgap.engines.parallel:ParallelEngine",
+    "ray": "fedgap.engines.ray_engine:RayEngine",
 }
 
 

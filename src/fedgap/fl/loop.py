@@ -195,7 +195,7 @@ class Experiment:
             self.state = self._recalibrate(self.state, [self.parts[res.client_id] for res in output.results])
 
         evaluated = r % cfg.eval.every == 0 or r == cfg.server.rounds
-        test = self.engine.evaluate(self.state, self.data.test_x, self.data.test_y) if evaluated else None
+        test = self.engine.evaluate_test(self.state) if evaluated else None
         row: dict[str, Any] = {
             "round": r,
             "test_accuracy": test.accuracy if test else None,
@@ -269,7 +269,7 @@ class Experiment:
         return any((r.get("test_accuracy") or 0.0) >= self.cfg.eval.target for r in self.rows)
 
     def evaluate_global(self) -> EvalResult:
-        return self.engine.evaluate(self.state, self.data.test_x, self.data.test_y)
+        return self.engine.evaluate_test(self.state)
 
     def summary(self) -> dict[str, Any]:
         accs = [(r["round"], r["test_accuracy"]) for r in self.rows if r.get("test_accuracy") is not None]
