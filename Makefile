@@ -7,11 +7,11 @@ OUT    ?= runs/doctor
 
 .PHONY: install run test test-slow bench lint clean
 
-# Re-installs only when pyproject.toml changed since the last install.
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or this Makefile (its install line) changed since the last install.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
