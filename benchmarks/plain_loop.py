@@ -65,13 +65,12 @@ def evaluate(model, test_set):
 def run(cfg, rounds: int, on_round=None):
     """``rounds`` rounds; ``on_round(row)`` gets each round's timing row. Returns the rows."""
     from fedgap.data.datasets import load_dataset
-    from fedgap.data.partition import partition
+    from fedgap.data.partition import partition_for
     from fedgap.fl.loop import initial_model, sample_clients
 
     data = load_dataset(cfg.data.name, cfg.data.root)
     d = cfg.data
-    parts = partition(data.train_y.numpy(), d.partition, d.num_clients, seed=cfg.seed, alpha=d.alpha,
-                      shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+    parts = partition_for(d, data.train_y.numpy(), cfg.seed)
     train_set = TensorDataset(data.train_x, data.train_y)
     test_set = TensorDataset(data.test_x, data.test_y)
     model = initial_model(cfg, data)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from fedgap.config import load_config
-from fedgap.data.datasets import FILES
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, epoch_orders, local_update
 from fedgap.fl.loop import Experiment, initial_model
 from fedgap.fl.normpolicy import layer_input_moments, recalibrate
@@ -16,35 +15,12 @@ from fedgap.models import build_model
 from fedgap.models.norm import batchnorm_modules
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-@pytest.fixture(scope="module")
-def tiny_mnist(tmp_path_factory, mnist):
-    """The first 300 training and 200 test images of MNIST as an IDX set (fast exact runs)."""
-    import gzip
-
-    from conftest import REPO
-
-    root = tmp_path_factory.mktemp("tiny")
-    for key, stem in FILES.items():
-        raw = gzip.decompress((REPO / "data" / "mnist" / f"{stem}.gz").read_bytes())
-        ndim = raw[3]
-        shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-        arr = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-        keep = 300 if key.startswith("train") else 200
-        (root / stem).write_bytes(idx_bytes(arr[:keep]))
-    return str(root)
-
-
 def float_state(model):
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-def test_fedavg_with_one_client_is_centralized_sgd_step_for_step(tiny_mnist):
-    cfg = load_config(overrides=["data.name=idx", f"data.root={tiny_mnist}", "data.partition=central",
+def test_fedavg_with_one_client_is_centralized_sgd_step_for_step(tiny_idx):
+    cfg = load_config(overrides=["data.name=idx", f"data.root={tiny_idx}", "data.partition=central",
                                  "server.rounds=1", "client.epochs=3", "client.batch_size=32",
                                  "client.weight_decay=0.001", "engine.channels_last=false"])
     exp = Experiment(cfg, None, show_progress=False)
@@ -104,9 +80,9 @@ def test_scaffold_control_variate_matches_option_ii_for_plain_sgd(mnist):
         assert torch.allclose(res.own["objective"][k], option_ii, atol=2e-4, rtol=1e-3), k
 
 
-def test_fedbn_keeps_each_clients_norm_layers(tmp_path, tiny_mnist):
+def test_fedbn_keeps_each_clients_norm_layers(tmp_path, tiny_idx):
     cfg = load_config(overrides=["server.algorithm=fedbn", "data.num_clients=4", "server.clients_per_round=2",
-                                 "server.rounds=3", "eval.every=100", "data.name=idx", f"data.root={tiny_mnist}"])
+                                 "server.rounds=3", "eval.every=100", "data.name=idx", f"data.root={tiny_idx}"])
     exp = Experiment(cfg, tmp_path / "run", show_progress=False)
     exp.run()
     norm_keys = exp.norm_keys
@@ -177,8 +153,8 @@ def numbers(rows):
 
 
 @pytest.mark.parametrize("overrides", CASES, ids=IDS)
-def test_every_preset_resumes_exactly_and_is_deterministic(tmp_path, tiny_mnist, overrides):
-    small = ["data.name=idx", f"data.root={tiny_mnist}", "data.num_clients=10", "server.clients_per_round=3",
+def test_every_preset_resumes_exactly_and_is_deterministic(tmp_path, tiny_idx, overrides):
+    small = ["data.name=idx", f"data.root={tiny_idx}", "data.num_clients=10", "server.clients_per_round=3",
              "eval.every=1", *overrides]
     cfg = load_config(overrides=[*small, "server.rounds=3"])
     straight = Experiment(cfg, tmp_path / "straight", show_progress=False)

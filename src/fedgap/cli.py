@@ -108,15 +108,13 @@ def partition(args, plot, as_json):
     import json
 
     from fedgap.data.datasets import load_dataset
-    from fedgap.data.partition import partition as make_partition
-    from fedgap.data.partition import partition_stats
+    from fedgap.data.partition import partition_for, partition_stats
 
     cfg = load(args)
     d = cfg.data
     data = load_dataset(d.name, d.root)
     labels = data.train_y.numpy()
-    parts = make_partition(labels, d.partition, d.num_clients, seed=cfg.seed, alpha=d.alpha,
-                           shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+    parts = partition_for(d, labels, cfg.seed)
     stats = partition_stats(parts, labels, data.num_classes)
     summary = stats.summary()
     if as_json:

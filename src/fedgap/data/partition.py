@@ -47,6 +47,13 @@ def partition(labels: np.ndarray, scheme: str, num_clients: int, *, seed: int, a
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
+def partition_for(data_cfg, labels: np.ndarray, seed: int) -> list[np.ndarray]:
+    """The partition that a config's ``data`` section asks for (every command and the loop go through here)."""
+    d = data_cfg
+    return partition(labels, d.partition, d.num_clients, seed=seed, alpha=d.alpha,
+                     shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+
+
 def _redraw(draw, min_samples: int, key: str) -> list[np.ndarray]:
     for _ in range(_MAX_DRAWS):
         parts = draw()

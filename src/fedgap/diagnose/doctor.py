@@ -91,14 +91,13 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
 def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Path, jobs: int | None,
               target: float | None, show_progress: bool, command: str, t0: float) -> DoctorResult:
     from fedgap.data.datasets import load_dataset
-    from fedgap.data.partition import partition, partition_stats
+    from fedgap.data.partition import partition_for, partition_stats
 
     preset = p.name
     d = naive.data
     data = load_dataset(d.name, d.root)
     labels = data.train_y.numpy()
-    parts = partition(labels, d.partition, d.num_clients, seed=naive.seed, alpha=d.alpha,
-                      shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+    parts = partition_for(d, labels, naive.seed)
     stats = partition_stats(parts, labels, data.num_classes)
 
     singles, skipped = V.single_variants(naive, tree, p)

@@ -33,7 +33,7 @@ import torch
 from fedgap import __version__, seeding
 from fedgap.config import RESULT_NEUTRAL, Config, config_hash, config_to_dict, dump_yaml, results_hash
 from fedgap.data.datasets import Dataset, load_dataset
-from fedgap.data.partition import partition
+from fedgap.data.partition import partition_for
 from fedgap.engines import Engine, RoundOutput, engine_class
 from fedgap.errors import FedgapError
 from fedgap.fl import outputs
@@ -107,8 +107,7 @@ class Experiment:
         # Data and partition first: a bad data file or partition setting must fail before --out is touched.
         self.data = load_dataset(cfg.data.name, cfg.data.root)
         d = cfg.data
-        self.parts = partition(self.data.train_y.numpy(), d.partition, d.num_clients, seed=cfg.seed,
-                               alpha=d.alpha, shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+        self.parts = partition_for(d, self.data.train_y.numpy(), cfg.seed)
         if self.out is not None:
             self._lock = outputs.prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         model = initial_model(cfg, self.data)
