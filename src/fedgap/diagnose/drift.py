@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgap.fl.evaluate import label_matched_subset
+from fedgap.fl.evaluate import fixed_shape_batches, label_matched_subset
 from fedgap.fl.normpolicy import Moments, sum_moments
 from fedgap.fl.state import State
 
@@ -50,16 +50,17 @@ def bn_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, laye
     model.eval()
     modules = dict(model.named_modules())
     acc: dict[str, list[Moments]] = {name: [] for name in layers}
+    real = [0]  # rows of the current batch that are data, not padding
     handles = []
     for name in layers:
         def hook(_module, inputs, name=name):
-            z = inputs[0].to(torch.float64)
+            z = inputs[0][: real[0]].to(torch.float64)
             dims = [d for d in range(z.dim()) if d != 1]
             acc[name].append(Moments(z.numel() // z.shape[1], z.sum(dims), (z * z).sum(dims)))
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:
-        for start in range(0, len(x), batch_size):
-            model(x[start : start + batch_size])
+        for xb, real[0] in fixed_shape_batches(x, batch_size):
+            model(xb)
     finally:
         for handle in handles:
             handle.remove()

@@ -33,6 +33,26 @@ class EvalResult:
         return EvalResult(correct / max(n, 1), loss / max(n, 1), n)
 
 
+SHAPE_MULTIPLE = 64
+
+
+def fixed_shape_batches(x: torch.Tensor, batch_size: int, multiple: int = SHAPE_MULTIPLE):
+    """Yield (batch, real rows) over ``x`` in batches of ``batch_size`` rows, the last one padded with zero rows
+    up to a multiple of ``multiple``. For passes where rows are independent (eval mode, statistics hooks) only.
+
+    Why: oneDNN builds and caches kernels per input shape (up to 1024 of them, each with shape-sized scratch
+    memory). Evaluating clients or label-matched subsets of every size created a new shape per client, and a
+    process's memory grew by about 100-250 MB per round up to 2 GB (measured with BatchNorm recalibration and
+    with the doctor's diagnostics); padded, each layer sees at most batch_size / multiple shapes."""
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size]
+        n = len(xb)
+        padded = min(batch_size, -(-n // multiple) * multiple)
+        if padded > n:
+            xb = torch.cat([xb, xb.new_zeros((padded - n, *xb.shape[1:]))])
+        yield xb, n
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 500, *, train_mode: bool = False, channels_last: bool = False) -> EvalResult:
@@ -46,11 +66,16 @@ def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: to
                 module.train()
     correct = 0
     loss_sum = 0.0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+    # Train mode normalizes by batch statistics, which padding would change: there, plain slices.
+    batches = ((x[s : s + batch_size], len(x[s : s + batch_size])) for s in range(0, len(x), batch_size)) \
+        if train_mode else fixed_shape_batches(x, batch_size)
+    start = 0
+    for xb, real in batches:
+        yb = y[start : start + real]
+        start += real
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        logits = model(xb)
+        logits = model(xb)[:real]
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     if saved is not None:

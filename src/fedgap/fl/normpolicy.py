@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedgap.fl.evaluate import fixed_shape_batches
 from fedgap.fl.state import State
 
 
@@ -53,9 +54,10 @@ def layer_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, l
     model.eval()
     module = dict(model.named_modules())[layer]
     acc: list[Moments] = []
+    real = [0]  # rows of the current batch that are data, not padding
 
     def hook(_module, inputs):
-        z = inputs[0].to(torch.float64)
+        z = inputs[0][: real[0]].to(torch.float64)
         dims = [d for d in range(z.dim()) if d != 1]
         count = z.numel() // z.shape[1]
         acc.append(Moments(count, z.sum(dims), (z * z).sum(dims)))
@@ -63,9 +65,9 @@ def layer_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, l
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        for start in range(0, len(x), batch_size):
+        for xb, real[0] in fixed_shape_batches(x, batch_size):
             try:
-                model(x[start : start + batch_size])
+                model(xb)
             except _Stop:
                 pass
     finally:
