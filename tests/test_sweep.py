@@ -1,6 +1,8 @@
 """fedgap sweep: grid parsing, and a real tiny grid through the CLI with caching."""
 
 import csv
+import json
+import os
 
 from conftest import cli, tiny_args
 from fedgap.diagnose.sweep import grid, split_values
@@ -36,3 +38,15 @@ def test_sweep_runs_the_grid_and_reuses_it(tiny_idx, tmp_path, capsys):
 def test_a_bad_grid_value_is_one_line_naming_the_key(capsys):
     code, _, err = cli("sweep", "model.norm=batch,banana", "--out", "/tmp/never-sweep", capsys=capsys)
     assert code == 2 and "model.norm" in err and "Traceback" not in err
+
+
+def test_pool_runs_use_their_share_of_the_cores(tiny_idx, tmp_path, capsys):
+    """Two jobs on two cores must run one intra-op thread each: with the engine's default (all cores) in every
+    job, four OpenMP threads share two cores and wait for each other at every barrier (measured: 7x slower)."""
+    out = tmp_path / "sweep"
+    code, _, err = cli("sweep", *tiny_args(tiny_idx), "model.norm=batch,group", "--out", str(out), "--jobs", "2",
+                       "--quiet", capsys=capsys)
+    assert code == 0, err
+    expected = max(1, (os.cpu_count() or 1) // 2)
+    threads = [json.loads(p.read_text())["intra_op_threads"] for p in out.glob("runs/*/summary.json")]
+    assert threads == [expected, expected]

@@ -219,7 +219,7 @@ def _run_in_pool(todo, records, jobs, threads, display, on_done) -> None:
     futures: dict[Future, tuple[int, RunSpec, Path]] = {}
     try:
         for i, spec, run_dir in todo:
-            fut = pool.submit(execute, spec.name, config_to_dict(spec.cfg), str(run_dir), spec.diagnostics)
+            fut = pool.submit(execute, spec.name, config_to_dict(spec.cfg), str(run_dir), spec.diagnostics, threads)
             futures[fut] = (i, spec, run_dir)
         pending = set(futures)
         while pending:

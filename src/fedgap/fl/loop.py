@@ -291,6 +291,7 @@ class Experiment:
             "train_samples_per_second": samples / train_seconds if train_seconds > 0 else None,
             "clients_failed": sum(r.get("clients_failed", 0) for r in self.rows),
             "engine": self.cfg.engine.name,
+            "intra_op_threads": torch.get_num_threads(),  # of this process (a parallel engine's workers use 1)
             "config_hash": results_hash(self.cfg),
             "fedgap_version": __version__,
         }
