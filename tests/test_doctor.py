@@ -196,3 +196,28 @@ def test_killed_doctor_resumes_without_redoing_finished_runs(tiny_idx, tmp_path)
 def test_doctor_rejects_a_central_partition(capsys):
     code, _, err = cli("doctor", "data.partition=central", "--out", "/tmp/never", capsys=capsys)
     assert code == 2 and "data.partition" in err and "Traceback" not in err
+
+
+def _flood(q, n):
+    for i in range(n):
+        q.put(("run", i, n, 0.5))
+
+
+def test_progress_is_drained_without_a_display_so_workers_can_exit():
+    """A doctor without a terminal hung after its 13 full-preset runs: nobody read the progress queue, it filled
+    the pipe, and the workers' queue feeders blocked their exit. Now the display drains it in every mode."""
+    import multiprocessing as mp
+
+    from fedgap.diagnose.pool import _Display
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    display = _Display("t", total=1, done=0, enabled=False)
+    display.follow(q)
+    worker = ctx.Process(target=_flood, args=(q, 5000))  # ~500 KB of messages, far more than a pipe holds
+    worker.start()
+    worker.join(timeout=60)
+    display.close()
+    if worker.exitcode is None:
+        worker.kill()
+    assert worker.exitcode == 0

@@ -85,9 +85,8 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
             out.append(Finding("BatchNorm statistics are wrong", text, "cause"))
         else:
             text = (f"With test-batch statistics the naive global model scores {pct(train_mode)} against "
-                    f"{pct(eval_mode)} with its running statistics ({diff:+.2f} pp, within {tie:.2f} pp; means of the last "
-                    f"{LAST} evaluations): the "
-                    f"running statistics are not what holds it back.{split}")
+                    f"{pct(eval_mode)} with its running statistics ({diff:+.2f} pp, within {tie:.2f} pp; means of "
+                    f"the last {LAST} evaluations): the running statistics are not what holds it back.{split}")
             out.append(Finding("BatchNorm statistics are fine", text, "info"))
 
     drift = late_mean(naive_recs, "client_drift")

@@ -106,6 +106,8 @@ def _init_worker(progress_queue, threads: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     _progress_queue = progress_queue
+    if progress_queue is not None:
+        progress_queue.cancel_join_thread()  # progress is expendable: never let it keep a finished worker alive
     import torch
 
     torch.set_num_threads(threads)
@@ -257,8 +259,8 @@ class _Display:
             self.overall = self.progress.add_task(title, total=total, completed=done, status="runs")
 
     def follow(self, q) -> None:
-        if self.progress is None:
-            return
+        # Always drain, even with no display: undelivered messages fill the pipe (64 KB, a few hundred rounds),
+        # and a worker whose queue feeder is blocked never exits, so the pool's shutdown would wait forever.
         self.thread = threading.Thread(target=self._drain, args=(q,), daemon=True)
         self.thread.start()
 
@@ -270,6 +272,8 @@ class _Display:
                 continue
             except (EOFError, OSError):
                 return
+            if self.progress is None:
+                continue
             if name not in self.tasks:
                 self.tasks[name] = self.progress.add_task(name, total=total, status="")
             self.progress.update(self.tasks[name], completed=round_,
