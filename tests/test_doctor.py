@@ -167,6 +167,9 @@ def test_a_second_doctor_reuses_every_run(doctored, tiny_idx):
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")} == stamps
     assert time.monotonic() - t0 < 60
+    # the report says the runs were reused and how long they took then, not just this call's seconds
+    header = (out / "gap.md").read_text().splitlines()[0]
+    assert f"{len(stamps)} runs" in header and "all reused from the cache" in header
 
 
 def test_killed_doctor_resumes_without_redoing_finished_runs(tiny_idx, tmp_path):

@@ -140,7 +140,7 @@ def render(res) -> str:
 <body><main>
 <h1>Why the federated model falls behind, and what fixes it</h1>
 <p class="sub">{_e(_setting(cfg))}. Preset <b>{_e(res.preset.name)}</b>, {_e(len(res.variants))} variants,
-{_e(sum(len(r) for r in res.records.values()))} runs, {res.seconds / 60:.1f} minutes.</p>
+{_e(res.timing())}.</p>
 <div class="cards">{cards_html}</div>
 <h2>Diagnosis</h2>{findings}
 <h2>Accuracy</h2>{acc_img}

@@ -8,8 +8,7 @@ from fedgap.diagnose.gap import fmt_pct
 
 def render_markdown(res) -> str:
     lines = [
-        f"Doctor preset `{res.preset.name}`, {sum(len(r) for r in res.records.values())} runs, "
-        f"{res.seconds / 60:.1f} minutes. Command: `{res.command}`",
+        f"Doctor preset `{res.preset.name}`, {res.timing()}. Command: `{res.command}`",
         "",
         "| # | variant | final accuracy | gap (pp) | gap, equal samples (pp) | gap closed | rounds to target |",
         "|---|---|---|---|---|---|---|",
