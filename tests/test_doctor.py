@@ -224,3 +224,21 @@ def test_progress_is_drained_without_a_display_so_workers_can_exit():
     if worker.exitcode is None:
         worker.kill()
     assert worker.exitcode == 0
+
+
+def _gap_row(variant, cause, acc):
+    return GapRow(variant, variant, cause, 1, acc, None, acc, None, None, None, None, None, 1, 150, 1.0, "")
+
+
+def test_winners_are_each_cause_groups_best_gain_however_small():
+    """Measured full run: SCAFFOLD +0.64 pp and recalibration +0.17 pp beat naive, FedYogi did not: the
+    combination joins the first two (best first), and a group without any gain contributes nothing."""
+    from fedgap.diagnose.doctor import _winners
+
+    tree = V.base_tree(V.PRESETS["full"], None, [])
+    naive = V.config_from_dict(tree)
+    singles = V.single_variants(naive, tree, V.PRESETS["full"])[0]
+    rows = [_gap_row("naive", "", 0.9697), _gap_row("recalibrate", V.NORMALIZATION, 0.9714),
+            _gap_row("fedbn", V.NORMALIZATION, 0.9698), _gap_row("scaffold", V.DRIFT, 0.9761),
+            _gap_row("fedprox", V.DRIFT, 0.9723), _gap_row("fedyogi", V.SERVER, 0.9684)]
+    assert [v.key for v in _winners(rows, singles)] == ["scaffold", "recalibrate"]

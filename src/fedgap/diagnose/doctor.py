@@ -2,7 +2,7 @@
 partitions and seeds, measure the gap, explain it and rank the remedies.
 
 Two phases. First the centralized baseline, the naive run (with diagnostics) and each remedy alone, all at
-once on the pool. Then the best remedy of every cause group that beat the naive run by more than the noise,
+once on the pool. Then the best remedy of every cause group that beat the naive run,
 combined into one more run. Every run is cached in ``OUT/runs`` by config hash (see ``pool``), so a killed
 doctor started again only does what is missing, and a second call with the same settings reruns nothing.
 """
@@ -29,7 +29,6 @@ from fedgap.fl import outputs
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_std", "best_test_accuracy",
                "best_std", "gap_equal_samples_pp", "gap_closed", "reached", "seeds", "rounds", "wall_seconds",
                "cause", "label", "changes", "error"]
-MIN_GAIN_PP = 0.5  # a remedy "helped" when it beats the naive run by more than this, or 2 std when measured
 
 
 @dataclass
@@ -164,17 +163,20 @@ def _run(variants: list[V.Variant], seeds: int, out: Path, jobs: int | None, sho
 
 
 def _winners(rows: list[GapRow], singles: list[V.Variant]) -> list[V.Variant]:
-    """Per cause group, the best single remedy that beat the naive run by more than the noise; best first."""
+    """Per cause group, the best single remedy that beat the naive run at all; best first.
+
+    Any gain counts here, even one within the noise: the combination is itself a measurement, run to see
+    whether small gains of different causes add up (a 150-round run measured SCAFFOLD +0.64 pp and BN
+    recalibration +0.17 pp). Whether a remedy, or the combination, really helped is judged afterwards in the
+    diagnosis, against the noise."""
     naive = next(r for r in rows if r.variant == "naive")
     if naive.final_test_accuracy is None:
         return []
-    noise = noise_pp(rows)
-    margin = max(MIN_GAIN_PP, 2 * noise) if noise is not None else MIN_GAIN_PP
     by_key = {v.key: v for v in singles}
     best: dict[str, GapRow] = {}
     for r in rows:
         if r.variant in by_key and r.final_test_accuracy is not None and \
-                100 * (r.final_test_accuracy - naive.final_test_accuracy) > margin:
+                r.final_test_accuracy > naive.final_test_accuracy:
             if r.cause not in best or r.final_test_accuracy > best[r.cause].final_test_accuracy:
                 best[r.cause] = r
     ranked = sorted(best.values(), key=lambda r: -r.final_test_accuracy)
