@@ -213,7 +213,7 @@ def test_progress_is_drained_without_a_display_so_workers_can_exit():
 
     from fedgap.diagnose.pool import _Display
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # spawn would leave a resource-tracker child that other tests count as a leak
     q = ctx.Queue()
     display = _Display("t", total=1, done=0, enabled=False)
     display.follow(q)
