@@ -27,7 +27,8 @@ from fedgap.fl.outputs import read_metrics
 ray = pytest.importorskip("ray")
 
 from fedgap.engines import ray_actor  # noqa: E402
-from fedgap.engines.ray_engine import init_local_ray, schedule_order  # noqa: E402
+from fedgap.engines.ray_engine import init_local_ray  # noqa: E402
+from fedgap.engines.schedule import largest_first as schedule_order  # noqa: E402
 
 TWO_THREAD_ATOL = 1e-3
 # 300 images over 6 Dirichlet clients of 28-87 samples, 4 per round: rounds 1-3 sample [1 2 3 4], [0 2 3 5], [0 2 4 5].

@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
+import signal
 import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_PR_SET_PDEATHSIG = 1
 _done = False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library on Linux (None elsewhere, or where it cannot be loaded)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
@@ -23,13 +38,11 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        ok = libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    except AttributeError:  # not glibc (musl, ...): nothing to tune
         return False
     _done = ok
     return ok
@@ -40,11 +53,22 @@ def trim_heap() -> bool:
     a child that reuses a free chunk of the inherited heap writes to a copy-on-write page and so duplicates
     it (measured: about 50 MB per round of the parallel engine's total memory); trimmed, the child allocates
     fresh pages of its own instead. Returns True when glibc did it."""
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
+    except AttributeError:  # no libc, or not glibc
         return False
     return True
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux, PR_SET_PDEATHSIG): a worker must not
+    outlive a parent that was killed and could run no cleanup. With ``parent_pid``, exit at once if the parent
+    already died before the request took effect."""
+    libc = _libc()
+    try:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except AttributeError:
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)

@@ -53,7 +53,7 @@ class DoctorResult:
         return next((r for r in self.rows if r.variant == key), None)
 
     def timing(self) -> str:
-        """'13 runs, 61.2 minutes of runs (all reused from the cache; 0.2 minutes this call)' for headers."""
+        """For headers: '13 runs, 0.2 minutes (all reused from the cache, which took 61.2 minutes of runs)'."""
         recs = [rec for group in self.records.values() for rec in group]
         run_minutes = sum((rec.summary or {}).get("wall_seconds") or 0.0 for rec in recs) / 60
         reused = sum(rec.cached for rec in recs)

@@ -35,36 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgap.fl.evaluate import fixed_shape_batches, label_matched_subset
-from fedgap.fl.normpolicy import Moments, sum_moments
+from fedgap.fl.evaluate import label_matched_subset
+from fedgap.fl.normpolicy import Moments, input_moments, sum_moments
 from fedgap.fl.state import State
 
 EPS = 1e-5  # BatchNorm's default eps: the distance stays finite for channels with (almost) no variance
 
 
-@torch.inference_mode()
 def bn_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layers: Sequence[str],
                      batch_size: int = 512) -> dict[str, Moments]:
     """Per-channel moments of every listed BatchNorm layer's input over ``x``, in one eval-mode pass."""
-    model.load_state_dict(state)
-    model.eval()
-    modules = dict(model.named_modules())
-    acc: dict[str, list[Moments]] = {name: [] for name in layers}
-    real = [0]  # rows of the current batch that are data, not padding
-    handles = []
-    for name in layers:
-        def hook(_module, inputs, name=name):
-            z = inputs[0][: real[0]].to(torch.float64)
-            dims = [d for d in range(z.dim()) if d != 1]
-            acc[name].append(Moments(z.numel() // z.shape[1], z.sum(dims), (z * z).sum(dims)))
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        for xb, real[0] in fixed_shape_batches(x, batch_size):
-            model(xb)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: sum_moments(parts) for name, parts in acc.items()}
+    return input_moments(model, state, x, list(layers), batch_size)
 
 
 def gaussian_distance(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor,

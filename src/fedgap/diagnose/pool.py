@@ -11,7 +11,6 @@ every run folder is locked while it is written, so a killed doctor leaves no orp
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -28,6 +27,7 @@ from fedgap.config import Config, config_from_dict, config_to_dict, results_hash
 from fedgap.errors import FedgapError
 from fedgap.fl import outputs
 from fedgap.progress import console, make_progress
+from fedgap.runtime import die_with_parent
 
 RUNS = "runs"
 
@@ -93,17 +93,9 @@ def _parse_row(row: dict[str, str]) -> dict[str, Any]:
 _progress_queue: Any = None
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-        except OSError:
-            pass
-
-
 def _init_worker(progress_queue, threads: int) -> None:
     global _progress_queue
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     _progress_queue = progress_queue
     if progress_queue is not None:

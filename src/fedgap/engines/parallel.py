@@ -40,6 +40,7 @@ import numpy as np
 
 from fedgap.engines import wire
 from fedgap.engines.base import ClientFailure, Engine, RoundOutput
+from fedgap.engines.schedule import balanced_groups, largest_first, slice_bounds
 from fedgap.engines.worker import worker_main
 from fedgap.errors import FedgapError
 from fedgap.fl.client import ClientTask, RoundContext
@@ -279,7 +280,7 @@ class ParallelEngine(Engine):
 
     # ------------------------------------------------------------------------------------------------ engine API
     def train(self, ctx: RoundContext, tasks: list[ClientTask]) -> RoundOutput:
-        order = sorted(tasks, key=lambda t: (-len(t.indices), t.client_id))  # largest first
+        order = largest_first(tasks)
         jobs = _Jobs([(t.client_id, wire.dumps(("task", t))) for t in order], prelude=wire.dumps(("round", ctx)))
         replies = self._run(jobs)
         out = RoundOutput([])
@@ -293,9 +294,7 @@ class ParallelEngine(Engine):
             else:
                 out.failures.append(ClientFailure(task.client_id, f"WorkerDied: {value.reason}"
                                                   if kind == "died" else f"WorkerError: {value}"))
-        out.results.sort(key=lambda r: r.client_id)
-        out.failures.sort(key=lambda f: f.client_id)
-        return out
+        return out.in_client_order()
 
     def evaluate_test(self, state: State, *, train_mode: bool = False) -> EvalResult:
         """The test set cut into one slice per worker, at multiples of eval.batch_size so that every evaluation
@@ -328,19 +327,3 @@ class ParallelEngine(Engine):
             for i, m in zip(g, moments, strict=True):
                 out[i] = m
         return out  # type: ignore[return-value]
-
-
-def slice_bounds(n: int, pieces: int, multiple: int) -> list[int]:
-    """Cut points of [0, n) into at most ``pieces`` near-equal slices, each cut at a multiple of ``multiple``."""
-    cuts = sorted({min(n, round(k * n / pieces / multiple) * multiple) for k in range(pieces + 1)} | {0, n})
-    return cuts
-
-
-def balanced_groups(sizes: list[int], pieces: int) -> list[tuple[int, ...]]:
-    """Indices of ``sizes`` in at most ``pieces`` groups of near-equal total (greedy largest-first)."""
-    loads = [[0, []] for _ in range(min(pieces, len(sizes)))]
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        target = min(loads, key=lambda entry: entry[0])
-        target[0] += sizes[i]
-        target[1].append(i)
-    return [tuple(sorted(entry[1])) for entry in loads if entry[1]]

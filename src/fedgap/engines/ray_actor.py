@@ -39,8 +39,9 @@ def init_local_ray(num_cpus: int, object_store_bytes: int = LOCAL_OBJECT_STORE_B
     Ray binds its services to the machine's address (or all of them) unless the node address is 127.0.0.1 *and*
     its "cluster mode" is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads when it is imported, so the
     already-imported constant is switched too, for the start only; the daemons and workers inherit the variable).
-    Seen with Ray 2.60; tests/test_ray_engine.py checks every port with ss. No dashboard, no usage statistics; the
-    workers' output is not forwarded (FEDGAP_DEBUG=1 forwards it); Ray's token authentication stays on.
+    Seen with Ray 2.60; tests/test_ray_engine.py checks every listening port (read from /proc). No dashboard, no
+    usage statistics; the workers' output is not forwarded (FEDGAP_DEBUG=1 forwards it); Ray's token
+    authentication stays on.
     ``address="local"``: a new instance even when RAY_ADDRESS is set or a cluster was started here with ``ray start``
     (``ray.init()`` would join those).
     """

@@ -46,6 +46,7 @@ from fedgap.engines import ray_actor
 from fedgap.engines.base import Engine, RoundOutput
 from fedgap.engines.ray_actor import ClientActor, import_ray, init_local_ray
 from fedgap.engines.results import ClientFailure
+from fedgap.engines.schedule import largest_first, slice_bounds
 from fedgap.errors import ConfigError, FedgapError
 from fedgap.fl.client import ClientTask, RoundContext
 from fedgap.fl.evaluate import EvalResult
@@ -57,7 +58,7 @@ RESTART_TIMEOUT = 300.0  # a dead actor not back after this long is given up for
 CLOSE_WAIT = 30.0  # at close on a kept connection, how long to wait for restarting actors to rejoin the pool
 POLL_SECONDS = 0.05
 
-__all__ = ["RayEngine", "init_local_ray", "schedule_order"]
+__all__ = ["RayEngine", "init_local_ray"]
 
 
 class RayEngine(Engine):
@@ -175,7 +176,7 @@ class RayEngine(Engine):
         ray, max_retries = self._ray, self.cfg.engine.max_retries
         crash = frozenset(self.cfg.engine.crash_clients)
         box = [ray.put(ctx)]  # once per round; in a list so Ray passes the reference, not a copy per task
-        pending = deque((task, 0) for task in schedule_order(tasks))
+        pending = deque((task, 0) for task in largest_first(tasks))
         running: dict = {}  # task ref -> (slot, task, attempt)
         out = RoundOutput([])
         while pending or running:
@@ -200,9 +201,7 @@ class RayEngine(Engine):
                     pending.appendleft((task, attempt + 1))
                 elif reason is not None:
                     out.failures.append(ClientFailure(task.client_id, reason))
-        out.results.sort(key=lambda r: r.client_id)
-        out.failures.sort(key=lambda f: f.client_id)
-        return out
+        return out.in_client_order()
 
     def _collect(self, ref, slot: int, task: ClientTask, out: RoundOutput) -> str | None:
         """Take a finished task's result into ``out``; returns the failure reason if it failed."""
@@ -266,15 +265,13 @@ class RayEngine(Engine):
         ``train_mode`` its BatchNorm statistics, is the one a single process would see); a slice whose actor
         fails is evaluated here instead."""
         ray = self._ray
-        n, bs = len(self.data.test_y), self.cfg.eval.batch_size
         slots = list(self._idle)
-        if len(slots) < 2 or n <= bs:
-            return self.evaluate(state, self.data.test_x, self.data.test_y, train_mode=train_mode)
-        batches = math.ceil(n / bs)
-        bounds = [min(n, bs * (batches * i // len(slots))) for i in range(len(slots) + 1)]
+        bounds = slice_bounds(len(self.data.test_y), len(slots), self.cfg.eval.batch_size) if len(slots) > 1 else []
+        if len(bounds) < 3:  # fewer than two slices (or idle actors): here
+            return super().evaluate_test(state, train_mode=train_mode)
         box = [ray.put(state)]
         calls = [(self._actors[s].evaluate_test_rows.remote(self._spec, box, a, b, train_mode), s, a, b)
-                 for s, a, b in zip(slots, bounds[:-1], bounds[1:], strict=True) if b > a]
+                 for s, a, b in zip(slots, bounds[:-1], bounds[1:], strict=False)]
         parts = []
         for ref, slot, a, b in calls:
             try:
@@ -308,11 +305,6 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise FedgapError(f"engine.address: nothing answers at {address!r} ({exc.strerror or exc}); start a "
                           f"cluster with `ray start --head` or use engine.address=local") from None
-
-
-def schedule_order(tasks: list[ClientTask]) -> list[ClientTask]:
-    """Largest client first (ties by client id): the longest updates start first, so none starts last."""
-    return sorted(tasks, key=lambda t: (-len(t.indices), t.client_id))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,6 +20,13 @@ class RoundOutput:
     results: list[ClientResult]  # sorted by client id, whatever ran them
     failures: list[ClientFailure] = field(default_factory=list)
 
+    def in_client_order(self) -> RoundOutput:
+        """Sort results and failures by client id (in place), whatever order the clients finished in: the
+        server aggregates in this order, so every engine sums the same floats in the same order."""
+        self.results.sort(key=lambda r: r.client_id)
+        self.failures.sort(key=lambda f: f.client_id)
+        return self
+
 
 def failure_from_exception(client_id: int, exc: BaseException) -> ClientFailure:
     if os.environ.get("FEDGAP_DEBUG"):

@@ -38,8 +38,7 @@ class ClientRunner:
                 out.results.append(local_update(self.model, self.data.train_x, self.data.train_y, ctx, task, self.hp))
             except Exception as exc:  # dropped from the round, as a failed device would be
                 out.failures.append(failure_from_exception(task.client_id, exc))
-        out.results.sort(key=lambda r: r.client_id)
-        return out
+        return out.in_client_order()
 
     def evaluate(self, state: State | None, x: torch.Tensor, y: torch.Tensor, *,
                  train_mode: bool = False) -> EvalResult:

@@ -78,9 +78,7 @@ class VectorizedEngine(Engine):
                 out.results += train_cohort(self.cohort, self.x, self.y, ctx, group, self.hp, self.device)
             except Exception as exc:  # the whole cohort is dropped, as its clients' devices would be
                 out.failures += [failure_from_exception(t.client_id, exc) for t in group]
-        out.results.sort(key=lambda r: r.client_id)
-        out.failures.sort(key=lambda f: f.client_id)
-        return out
+        return out.in_client_order()
 
 
 def num_steps(n: int, hp: ClientHParams) -> int:

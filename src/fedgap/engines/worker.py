@@ -15,12 +15,9 @@ Lifetime rules, so that no worker outlives its run:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import stat
-import sys
 from multiprocessing.connection import Connection
 
 import torch
@@ -29,23 +26,7 @@ from fedgap.engines import wire
 from fedgap.engines.results import failure_from_exception
 from fedgap.engines.runner import ClientRunner
 from fedgap.fl.client import local_update
-from fedgap.runtime import tune_allocator
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int | None) -> None:
-    """SIGKILL when the parent dies (for forkserver workers the parent is the fork server, which itself exits
-    when the run's process does)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+from fedgap.runtime import die_with_parent, tune_allocator
 
 
 def _close_inherited_fds(keep: int, known: list[Connection]) -> None:
@@ -74,7 +55,7 @@ def worker_main(conn: Connection, cfg, data, hp, parent_pid: int | None, close: 
     worker inherited (empty for spawn and forkserver workers, which inherit nothing)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)  # for forkserver workers the parent is the fork server, which exits with the run
     if close:  # forked: drop what was inherited
         _close_inherited_fds(conn.fileno(), close)
     torch.set_num_threads(1)

@@ -66,11 +66,9 @@ def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: to
                 module.train()
     correct = 0
     loss_sum = 0.0
-    # Train mode normalizes by batch statistics, which padding would change: there, plain slices.
-    batches = ((x[s : s + batch_size], len(x[s : s + batch_size])) for s in range(0, len(x), batch_size)) \
-        if train_mode else fixed_shape_batches(x, batch_size)
+    # Train mode normalizes by batch statistics, which padding would change: there, no padding (multiple 1).
     start = 0
-    for xb, real in batches:
+    for xb, real in fixed_shape_batches(x, batch_size, multiple=1 if train_mode else SHAPE_MULTIPLE):
         yb = y[start : start + real]
         start += real
         if channels_last:

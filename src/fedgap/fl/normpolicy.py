@@ -43,36 +43,49 @@ class Moments:
 
 
 class _Stop(Exception):
-    """Raised by the hook once the wanted layer input is seen: the rest of the forward pass is not needed."""
+    """Raised by a hook once every wanted layer input of the batch is seen: the rest of the forward pass is not
+    needed."""
 
 
 @torch.inference_mode()
-def layer_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layer: str,
-                        batch_size: int = 1000) -> Moments:
-    """Moments of the input of module ``layer`` over the images ``x``, with the model in eval mode."""
+def input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layers: list[str],
+                  batch_size: int = 1000) -> dict[str, Moments]:
+    """Per-channel moments of the inputs of the modules ``layers`` over the images ``x``, in one eval-mode pass
+    (batches padded to a few fixed shapes, the padding rows left out of the sums)."""
     model.load_state_dict(state)
     model.eval()
-    module = dict(model.named_modules())[layer]
-    acc: list[Moments] = []
+    modules = dict(model.named_modules())
+    acc: dict[str, list[Moments]] = {name: [] for name in layers}
     real = [0]  # rows of the current batch that are data, not padding
+    seen: set[str] = set()
 
-    def hook(_module, inputs):
+    def hook(name: str, inputs) -> None:
         z = inputs[0][: real[0]].to(torch.float64)
         dims = [d for d in range(z.dim()) if d != 1]
-        count = z.numel() // z.shape[1]
-        acc.append(Moments(count, z.sum(dims), (z * z).sum(dims)))
-        raise _Stop
+        acc[name].append(Moments(z.numel() // z.shape[1], z.sum(dims), (z * z).sum(dims)))
+        seen.add(name)
+        if len(seen) == len(acc):
+            raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handles = [modules[name].register_forward_pre_hook(lambda _m, inputs, name=name: hook(name, inputs))
+               for name in layers]
     try:
         for xb, real[0] in fixed_shape_batches(x, batch_size):
+            seen.clear()
             try:
                 model(xb)
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return sum_moments(acc)
+        for handle in handles:
+            handle.remove()
+    return {name: sum_moments(parts) for name, parts in acc.items()}
+
+
+def layer_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layer: str,
+                        batch_size: int = 1000) -> Moments:
+    """Moments of the input of module ``layer`` over the images ``x``, with the model in eval mode."""
+    return input_moments(model, state, x, [layer], batch_size)[layer]
 
 
 def recalibrate(state: State, bn_layers: list[str],
