@@ -36,6 +36,7 @@ ROWS: dict[str, tuple[int | None, list[str], int]] = {
     "E1-noniid-fedavgm": (None, [*NON_IID, "client.epochs=1", "server.algorithm=fedavgm", "server.momentum=0.9",
                                  "server.lr=1.0"], 700),
     "E1-noniid-fedadam": (None, [*NON_IID, "client.epochs=1", "server.algorithm=fedadam", "server.lr=0.003"], 700),
+    "E1-noniid-scaffold": (None, [*NON_IID, "client.epochs=1", "server.algorithm=scaffold"], 700),
 }
 
 
@@ -73,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name in args.rows:
-        results[name] = run_row(name, args.lr, args.engine, args.out, args.overrides)
+        row = run_row(name, args.lr, args.engine, args.out, args.overrides)
+        # read again just before writing: rows may run in several processes at once
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results[name] = row
         results_path.write_text(json.dumps(results, indent=2))
+    results = json.loads(results_path.read_text())
     print("| row | published rounds to 99% | fedgap rounds to 99% | best accuracy | client lr | server |")
     print("|---|---|---|---|---|---|")
     for name in args.rows:

@@ -15,7 +15,7 @@ from conftest import cli, tiny_args
 from fedgap.config import config_to_dict, load_config
 from fedgap.diagnose import variants as V
 from fedgap.diagnose.diagnosis import write_diagnosis
-from fedgap.diagnose.gap import GapRow, accuracy_at_samples, gap_rows
+from fedgap.diagnose.gap import GapRow, accuracy_at_samples, gap_rows, status
 from fedgap.diagnose.pool import RunRecord, RunSpec
 from fedgap.fl.outputs import RunLock
 
@@ -110,6 +110,18 @@ def test_gap_rows_rank_and_share_closed():
     # 1500 samples: the centralized run has 0.95 + 0.5 * 0.04 = 0.97 there
     assert by["fedbn"].gap_equal_samples_pp == pytest.approx(0.0, abs=1e-9)
     assert by["fedbn"].rounds_to_target == 2 and by["naive"].rounds_to_target is None
+
+
+def test_a_diverged_remedy_is_marked_as_such():
+    variants = [V.Variant("central", "centralized", "", None), V.Variant("naive", "naive", "", None),
+                V.Variant("scaffold", "SCAFFOLD", V.DRIFT, None)]
+    blown = record("s", [0.6, 0.098], 500)
+    blown.summary["diverged_at_round"] = 2
+    records = {"central": [record("c", [0.95, 0.99], 1000)], "naive": [record("n", [0.5, 0.89], 500)],
+               "scaffold": [blown]}
+    by = {r.variant: r for r in gap_rows(variants, records, "central", "naive", target=0.95)}
+    assert by["scaffold"].diverged == 1 and status(by["scaffold"]) == " (diverged)"
+    assert by["naive"].diverged == 0 and status(by["naive"]) == ""
 
 
 def row(variant, cause, acc, gap, closed):

@@ -162,3 +162,26 @@ def test_two_processes_never_work_in_one_run_folder(tmp_path, capsys):
     finally:
         held.release()
     assert cli("run", *FAST, "server.rounds=1", "--out", str(out), "--quiet", capsys=capsys)[0] == 0
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_model_and_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli("run", *FAST, "client.lr=1e12", "server.rounds=6", "--out", str(out), "--quiet",
+                       capsys=capsys)
+    assert code == 0  # a diverged run is a finished result (the doctor and sweeps rank it), with a warning
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["diverged_at_round"]
+    assert stopped is not None and stopped < 6 and summary["rounds_completed"] == stopped
+    rows = read_metrics(out / "metrics.csv")
+    assert len(rows) == stopped and rows[-1]["diverged"] == "True" and rows[-1]["test_accuracy"] != ""
+    assert "training diverged" in err and "client.lr" in err
+    # resuming with more rounds does not train on from NaN weights
+    assert cli("run", "--out", str(out), "--resume", "server.rounds=10", "--quiet", capsys=capsys)[0] == 0
+    assert len(read_metrics(out / "metrics.csv")) == stopped
+
+
+def test_a_finite_run_reports_no_divergence(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("run", *FAST, "server.rounds=1", "--out", str(out), "--quiet", capsys=capsys)[0] == 0
+    assert json.loads((out / "summary.json").read_text())["diverged_at_round"] is None
+    assert "diverged" not in read_metrics(out / "metrics.csv")[0]

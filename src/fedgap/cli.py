@@ -97,6 +97,10 @@ def print_run_summary(cfg, summary: dict, out: Path) -> None:
     table.add_row("training samples / s", fmt(summary["train_samples_per_second"]))
     table.add_row("output", str(out))
     out_console.print(table)
+    if summary.get("diverged_at_round"):
+        err_console.print(f"[yellow]warning:[/] training diverged: the global model held non-finite weights after "
+                          f"round {summary['diverged_at_round']}, so the run stopped there; try a lower client.lr "
+                          f"(now {cfg.client.lr}) or server.lr (now {cfg.server.lr})")
 
 
 @cli.command(epilog=CONFIG_HELP)

@@ -62,7 +62,7 @@ def doctor(args, preset, seeds, out, jobs, target, quiet):
 
 
 def gap_table(res) -> Table:
-    from fedgap.diagnose.gap import fmt_pct
+    from fedgap.diagnose.gap import fmt_pct, status
 
     table = Table(title=f"fedgap doctor ({res.preset.name}): gap to centralized training, ranked",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -75,7 +75,7 @@ def gap_table(res) -> Table:
         reach = "-" if r.variant == "central" else (
             f"{r.rounds_to_target:.0f}" if r.rounds_to_target is not None else "never")
         table.add_row(
-            str(i), r.label + (" (failed)" if r.error else ""), fmt_pct(r.final_test_accuracy, r.final_std),
+            str(i), r.label + status(r), fmt_pct(r.final_test_accuracy, r.final_std),
             "-" if r.gap_pp is None else f"{r.gap_pp:.2f}",
             "-" if r.gap_equal_samples_pp is None else f"{r.gap_equal_samples_pp:.2f}",
             "-" if r.gap_closed is None else f"{100 * r.gap_closed:.0f}%", reach, style=style)

@@ -39,6 +39,7 @@ class GapRow:
     wall_seconds: float
     changes: str
     error: str | None = None
+    diverged: int = 0  # seeds whose run stopped on a non-finite model (diverged_at_round in their summary)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +111,7 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
             rounds=max((r.summary["rounds_completed"] for r in ok), default=0),
             wall_seconds=float(sum(r.summary["wall_seconds"] for r in ok)),
             changes=" ".join(v.overrides), error=next((r.error for r in recs if r.error), None),
+            diverged=sum(1 for r in ok if r.summary.get("diverged_at_round")),
         ))
     naive = next(r for r in rows if r.variant == naive_key)
     for row in rows:
@@ -118,6 +120,15 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
         row.gap_closed = (naive.gap_pp - row.gap_pp) / naive.gap_pp
     return sorted(rows, key=lambda r: (r.final_test_accuracy is None,
                                        -(r.final_test_accuracy if r.final_test_accuracy is not None else 0)))
+
+
+def status(row: GapRow) -> str:
+    """' (failed)' / ' (diverged)' after a variant's label, or ''."""
+    if row.error:
+        return " (failed)"
+    if row.diverged:
+        return " (diverged)" if row.diverged == row.seeds else f" (diverged in {row.diverged}/{row.seeds} seeds)"
+    return ""
 
 
 def noise_pp(rows: list[GapRow]) -> float | None:

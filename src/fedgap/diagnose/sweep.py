@@ -24,7 +24,8 @@ from fedgap.diagnose.pool import RunSpec, run_all
 from fedgap.errors import ConfigError
 from fedgap.fl import outputs
 
-COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds_to_target", "seconds_per_round", "wall_seconds"]
+COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds_to_target", "seconds_per_round", "wall_seconds",
+           "diverged_at_round"]
 
 
 def split_values(raw: str) -> list[str]:

@@ -138,7 +138,7 @@ class Experiment:
         total = cfg.server.rounds
         if self.out is not None:
             outputs.atomic_write_text(self.out / outputs.CONFIG, dump_yaml(cfg))
-        finished = self.round >= total or self.reached_target()
+        finished = self.round >= total or self.reached_target() or self.diverged_at() is not None
         if finished and self.out is not None and (self.out / outputs.SUMMARY).exists():
             self._release()
             return self.summary()
@@ -148,12 +148,12 @@ class Experiment:
         try:
             self.engine.start()
             self.startup_seconds += time.perf_counter() - t_start
-            while self.round < total and not self.reached_target():
+            while self.round < total and not self.reached_target() and self.diverged_at() is None:
                 row = self.step()
                 acc = row.get("test_accuracy")
                 bar.update(self.round, f"acc {acc:.2%}" if acc is not None else "")
             if self.round < total and self.out is not None:
-                self._save_checkpoint()  # stopped at the target: the checkpoint holds the final model
+                self._save_checkpoint()  # stopped early (target or divergence): the checkpoint holds the final model
             summary = self.summary()
             if self.out is not None:
                 outputs.write_json(self.out / outputs.SUMMARY, summary)
@@ -193,7 +193,10 @@ class Experiment:
         if cfg.model.norm_policy == "recalibrate" and self.bn_layers:
             self.state = self._recalibrate(self.state, [self.parts[res.client_id] for res in output.results])
 
-        evaluated = r % cfg.eval.every == 0 or r == cfg.server.rounds
+        # A non-finite weight never recovers: stop here (evaluated, so the row shows it) instead of spending
+        # the remaining rounds on NaN.
+        diverged = not all(torch.isfinite(v).all() for v in self.state.values() if v.is_floating_point())
+        evaluated = r % cfg.eval.every == 0 or r == cfg.server.rounds or diverged
         test = self.engine.evaluate_test(self.state) if evaluated else None
         row: dict[str, Any] = {
             "round": r,
@@ -207,6 +210,8 @@ class Experiment:
             "clients_failed": len(output.failures),
             "train_seconds": train_seconds,
         }
+        if diverged:
+            row["diverged"] = True
         if cfg.model.norm_policy == "local":
             row["personal_accuracy"] = self._personal_accuracy(output.results) if evaluated else None
         info = RoundInfo(r, self, tasks, output, previous, self.state, evaluated, row)
@@ -267,6 +272,10 @@ class Experiment:
             return False
         return any((r.get("test_accuracy") or 0.0) >= self.cfg.eval.target for r in self.rows)
 
+    def diverged_at(self) -> int | None:
+        """The round after which the global model held a non-finite weight (the run stopped there), or None."""
+        return next((r["round"] for r in self.rows if r.get("diverged")), None)
+
     def evaluate_global(self) -> EvalResult:
         return self.engine.evaluate_test(self.state)
 
@@ -283,6 +292,7 @@ class Experiment:
             "final_test_loss": final.get("test_loss"),
             "rounds_completed": self.round,
             "rounds_to_target": reached,
+            "diverged_at_round": self.diverged_at(),
             "target_accuracy": target,
             "wall_seconds": self.wall_seconds + self.startup_seconds,
             "seconds_per_round": self.wall_seconds / max(len(self.rows), 1),

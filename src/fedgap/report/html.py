@@ -9,7 +9,7 @@ import base64
 import html
 from pathlib import Path
 
-from fedgap.diagnose.gap import fmt_pct
+from fedgap.diagnose.gap import fmt_pct, status
 from fedgap.fl import outputs
 from fedgap.report import plots
 
@@ -69,6 +69,8 @@ def _table(res) -> str:
         label = _e(r.label) + (f'<div class="muted"><code>{_e(r.changes)}</code></div>' if r.changes else "")
         if r.error:
             label += f'<div class="muted">failed: {_e(r.error)}</div>'
+        elif r.diverged:
+            label += f'<div class="muted">{_e(status(r).strip(" ()"))}: stopped at the first non-finite model</div>'
         body.append(
             f'<tr class="{_e(r.variant)}"><td>{i}</td><td class="l">{label}</td><td class="l">{_e(r.cause or "-")}</td>'
             f"<td>{fmt_pct(r.final_test_accuracy, r.final_std)}</td><td>{fmt_pct(r.best_test_accuracy, r.best_std)}"

@@ -3,7 +3,7 @@ issue thread."""
 
 from __future__ import annotations
 
-from fedgap.diagnose.gap import fmt_pct
+from fedgap.diagnose.gap import fmt_pct, status
 
 
 def render_markdown(res) -> str:
@@ -17,7 +17,7 @@ def render_markdown(res) -> str:
         reach = "-" if r.variant == "central" else (f"{r.rounds_to_target:.0f}" if r.rounds_to_target is not None
                                                     else "not reached")
         lines.append(
-            f"| {i} | {r.label} | {fmt_pct(r.final_test_accuracy, r.final_std)} | "
+            f"| {i} | {r.label}{status(r)} | {fmt_pct(r.final_test_accuracy, r.final_std)} | "
             f"{'-' if r.gap_pp is None else f'{r.gap_pp:.2f}'} | "
             f"{'-' if r.gap_equal_samples_pp is None else f'{r.gap_equal_samples_pp:.2f}'} | "
             f"{'-' if r.gap_closed is None else f'{100 * r.gap_closed:.0f}%'} | {reach} |")
