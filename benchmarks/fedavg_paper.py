@@ -53,6 +53,7 @@ def run_row(name: str, lr: float, engine: str, out: Path, extra: list[str]) -> d
         "published_rounds_to_99": published,
         "rounds_to_99": summary["rounds_to_target"],
         "rounds_run": summary["rounds_completed"],
+        "diverged_at_round": summary.get("diverged_at_round"),
         "best_test_accuracy": summary["best_test_accuracy"],
         "client_lr": lr,
         "server": f"{cfg.server.optimizer} lr={cfg.server.lr}" + (f" momentum={cfg.server.momentum}"
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.rows:
         r = results[name]
         reached = r["rounds_to_99"] if r["rounds_to_99"] is not None else f"not in {r['rounds_run']}"
+        if r.get("diverged_at_round"):
+            reached = f"diverged at round {r['diverged_at_round']}"
         print(f"| {name} | {r['published_rounds_to_99'] or '-'} | {reached} | {r['best_test_accuracy']:.2%} | "
               f"{r['client_lr']} | {r['server']} |")
     return 0
