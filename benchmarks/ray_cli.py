@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 EXTRA = {"ray": ["engine.address=local"]}
+EXPERIMENT = ["data.alpha=0.5"]  # issue 5's default experiment (the config default is now 0.1)
 
 
 def run_once(runner: str, rounds: int, out: Path) -> dict:
     engine, *overrides = runner.split(",")  # e.g. "sequential,engine.threads=1"
-    args = [sys.executable, "-m", "fedgap", "run", f"engine.name={engine}", *EXTRA.get(engine, []), *overrides,
-            f"server.rounds={rounds}", "--out", str(out), "--quiet", "--overwrite"]
+    args = [sys.executable, "-m", "fedgap", "run", f"engine.name={engine}", *EXTRA.get(engine, []), *EXPERIMENT,
+            *overrides, f"server.rounds={rounds}", "--out", str(out), "--quiet", "--overwrite"]
     t0 = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "FEDGAP_NO_DOWNLOAD": "1"})
     wall = time.perf_counter() - t0

@@ -30,11 +30,13 @@ RESULTS = HERE / "results" / "engines.json"
 README = HERE / "README.md"
 BEGIN, END = "<!-- engines:begin -->", "<!-- engines:end -->"
 
-# The default experiment of issue 5 (the config defaults: mobilenet-like with batch norm, 100 Dirichlet(0.5)
-# clients, 10 per round, 1 local epoch, batch 32, SGD, evaluation of the 10k test set every round).
+# The default experiment of issue 5 (the config defaults of its day: mobilenet-like with batch norm, 100
+# Dirichlet(0.5) clients, 10 per round, 1 local epoch, batch 32, SGD, evaluation of the 10k test set every round).
+# data.alpha is pinned because the config default has since become 0.1: the recorded timings stay comparable.
+ISSUE5 = ["data.alpha=0.5"]
 EXPERIMENTS = {
-    "default": [],
-    "small-batch": ["client.batch_size=10"],
+    "default": ISSUE5,
+    "small-batch": [*ISSUE5, "client.batch_size=10"],
     "10k-clients": ["data.partition=iid", "data.num_clients=10000", "server.clients_per_round=100"],
 }
 PLAIN = "plain-loop"

@@ -7,7 +7,7 @@ from fedgap.errors import ConfigError
 
 def test_defaults_are_the_default_experiment():
     cfg = load_config()
-    assert (cfg.data.name, cfg.data.partition, cfg.data.alpha, cfg.data.num_clients) == ("mnist", "dirichlet", 0.5, 100)
+    assert (cfg.data.name, cfg.data.partition, cfg.data.alpha, cfg.data.num_clients) == ("mnist", "dirichlet", 0.1, 100)
     assert (cfg.model.name, cfg.model.norm) == ("mobilenet-like", "batch")
     assert (cfg.client.optimizer, cfg.client.lr, cfg.client.momentum, cfg.client.batch_size) == ("sgd", 0.05, 0.9, 32)
     assert (cfg.server.algorithm, cfg.server.clients_per_round) == ("fedavg", 10)

@@ -58,7 +58,7 @@ def local_ray():
 
 def tiny_args(root: str, *extra: str) -> list[str]:
     return ["data.name=idx", f"data.root={root}", "data.num_clients=6", "server.clients_per_round=4",
-            "server.rounds=3", "eval.every=1", "eval.batch_size=50", *extra]
+            "server.rounds=3", "eval.every=1", "eval.batch_size=50", "data.alpha=0.5", *extra]  # sizes below
 
 
 def run(root: str, *extra: str, out: Path | None = None) -> Experiment:

@@ -39,7 +39,7 @@ class DataConfig(_Section):
         "mnist", description="mnist (shipped, verified) | idx (any IDX set in data.root)")
     root: str | None = Field(None, description="folder with the four IDX files (default: the shipped MNIST)")
     partition: PartitionName = Field("dirichlet", description="iid | dirichlet | shards | quantity | central")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet: labels, quantity: sizes)")
+    alpha: float = Field(0.1, gt=0, description="Dirichlet concentration (dirichlet: labels, quantity: sizes)")
     num_clients: int = Field(100, ge=1, description="clients the training set is split over (central: 1)")
     shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards per client")
     min_samples: int = Field(10, ge=0, description="minimum training samples per client (dirichlet, quantity)")
