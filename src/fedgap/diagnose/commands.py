@@ -57,7 +57,7 @@ def doctor(args, preset, seeds, out, jobs, target, quiet):
     for f in res.findings:
         if f.kind in ("cause", "remedy"):
             out_console.print(f"[bold]{f.title}[/bold]: {f.text}", highlight=False, soft_wrap=True)
-    err_console.print(f"report: {out / 'report.html'}  table: {out / 'gap.csv'}  ({res.seconds / 60:.1f} min)",
+    err_console.print(f"report: {out / 'report.html'}  table: {out / 'gap.csv'}; {res.timing()}",
                       highlight=False, soft_wrap=True)
 
 
