@@ -143,6 +143,21 @@ def test_diagnosis_names_the_dominant_cause_only_when_the_numbers_say_so():
     assert "No remedy closes most of the gap" in titles
 
 
+def test_diagnosis_says_whether_the_combination_beat_its_best_single_remedy():
+    central, naive = row("central", "", 0.99, 0.0, None), row("naive", "", 0.68, 31.0, 0.0)
+    fedbn = row("fedbn", V.NORMALIZATION, 0.87, 12.0, 0.61)
+    part = {"classes_per_client_mean": 3.0, "mean_tv_distance": 0.6}
+
+    def combination(acc):
+        rows = [central, fedbn, row("combined", "combined", acc, 99 - 100 * acc, None), naive]
+        return next(f for f in write_diagnosis(rows, [], [], part, None, 1, 0.68, "x") if f.title == "The combination")
+
+    worse = combination(0.51)
+    assert "-36.00 pp" in worse.text and "do not add up; use fedbn alone" in worse.text and worse.kind == "caveat"
+    assert "the gains add up" in combination(0.90).text
+    assert "no better than" in combination(0.871).text
+
+
 # ----------------------------------------------------------------------------------------- end to end
 def test_doctor_writes_table_report_and_summary(doctored):
     out, done = doctored

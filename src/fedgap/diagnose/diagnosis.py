@@ -162,6 +162,10 @@ def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float) 
         text += " Within the noise of it: " + ", ".join(f"{r.label} ({pct(r.final_test_accuracy)})" for r in tied) + "."
     out.append(Finding("What to use", text, "remedy"))
 
+    combination = _combination_finding(rows, remedies, tie)
+    if combination is not None:
+        out.append(combination)
+
     hurt = [r for r in remedies if 100 * (naive.final_test_accuracy - r.final_test_accuracy) > tie]
     if hurt:
         out.append(Finding("Remedies that hurt here", ", ".join(
@@ -169,3 +173,21 @@ def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float) 
             f" pp)" for r in hurt) + " do worse than the naive run in this setting (with these hyper-parameters).",
             "caveat"))
     return out
+
+
+def _combination_finding(rows: list[GapRow], remedies: list[GapRow], tie: float) -> Finding | None:
+    """Whether the combined run beat its best single remedy: do the remedies' gains add up?"""
+    combined = next((r for r in rows if r.variant == "combined" and r.final_test_accuracy is not None), None)
+    if combined is None or not remedies:
+        return None
+    single = max(remedies, key=lambda r: r.final_test_accuracy)
+    diff = 100 * (combined.final_test_accuracy - single.final_test_accuracy)
+    if diff > tie:
+        verdict, kind = "the gains add up", "remedy"
+    elif diff < -tie:
+        verdict, kind = f"the gains do not add up; use {single.label} alone", "caveat"
+    else:
+        verdict, kind = "no better than the best single remedy", "info"
+    return Finding("The combination", (
+        f"{combined.label} reached {pct(combined.final_test_accuracy)}, {diff:+.2f} pp against the best single "
+        f"remedy, {single.label} ({pct(single.final_test_accuracy)}): {verdict}."), kind)
