@@ -257,7 +257,7 @@ def _gap_row(variant, cause, acc):
     return GapRow(variant, variant, cause, 1, acc, None, acc, None, None, None, None, None, 1, 150, 1.0, "")
 
 
-def test_winners_are_each_cause_groups_best_gain_however_small():
+def test_winners_are_the_two_best_cause_groups_best_gain_however_small():
     """Measured full run: SCAFFOLD +0.64 pp and recalibration +0.17 pp beat naive, FedYogi did not: the
     combination joins the first two (best first), and a group without any gain contributes nothing."""
     from fedgap.diagnose.doctor import _winners
@@ -269,3 +269,8 @@ def test_winners_are_each_cause_groups_best_gain_however_small():
             _gap_row("fedbn", V.NORMALIZATION, 0.9698), _gap_row("scaffold", V.DRIFT, 0.9761),
             _gap_row("fedprox", V.DRIFT, 0.9723), _gap_row("fedyogi", V.SERVER, 0.9684)]
     assert [v.key for v in _winners(rows, singles)] == ["scaffold", "recalibrate"]
+    # alpha 0.1, full: four groups gained; only the two that gained most are joined
+    rows = [_gap_row("naive", "", 0.9164), _gap_row("fedbn", V.NORMALIZATION, 0.9461),
+            _gap_row("fedyogi", V.SERVER, 0.9356), _gap_row("adamw", V.REGULARIZATION, 0.9233),
+            _gap_row("fedprox", V.DRIFT, 0.9186)]
+    assert [v.key for v in _winners(rows, singles)] == ["fedbn", "fedyogi"]
