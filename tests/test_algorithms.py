@@ -62,6 +62,24 @@ def test_aggregation_is_weighted_by_client_samples():
     assert torch.equal(new["features.0.1.num_batches_tracked"], counter_before)  # integer buffers not averaged
 
 
+def test_fedbn_global_norm_layers_are_the_plain_average_whatever_the_server_optimizer():
+    """Under the local norm policy the global model's norm layers are only for its evaluation: their weighted
+    mean, never a server-optimizer step (a FedYogi step on norm weights no client uses is not their average)."""
+    cfg = load_config(overrides=["data.num_clients=4", "server.clients_per_round=2", "model.norm_policy=local",
+                                 "server.optimizer=yogi", "server.lr=0.01"])
+    exp = Experiment(cfg, None, show_progress=False)
+    floats = {k: v for k, v in exp.state.items() if v.is_floating_point()}
+    old = {k: v.clone() for k, v in exp.state.items()}
+    new = exp._aggregate([fake_result(0, 100, 1.0, floats), fake_result(3, 300, 5.0, floats)])
+    norm_params = [k for k in exp.param_keys if k in exp.norm_keys]
+    assert norm_params
+    for k in norm_params:
+        assert torch.allclose(new[k], torch.full_like(new[k], 4.0)), k  # (100 * 1 + 300 * 5) / 400
+    conv = "features.0.0.weight"
+    step = new[conv] - old[conv]  # Yogi's first step: lr * sign(delta) (up to tau), not the mean
+    assert torch.allclose(step.abs(), torch.full_like(step, 0.01), rtol=0.01)
+
+
 def test_scaffold_control_variate_matches_option_ii_for_plain_sgd(mnist):
     cfg = load_config(overrides=["server.algorithm=scaffold", "client.momentum=0"])
     model = build_model(cfg.model)

@@ -114,6 +114,10 @@ class Experiment:
         self.param_keys = [k for k, _ in model.named_parameters()]
         self.bn_layers = list(batchnorm_modules(model))
         self.norm_keys = float_norm_keys(model)
+        # What the server optimizer steps. Under the local policy (FedBN) the global norm layers only serve the
+        # global model's evaluation and are their clients' weighted mean, like the running statistics.
+        local_norm = cfg.model.norm_policy == "local"
+        self.server_keys = [k for k in self.param_keys if not (local_norm and k in self.norm_keys)]
         self.hp = ClientHParams.from_config(cfg, self.norm_keys)
         self.objective = make_objective(cfg.client.objective, cfg.server.mu)
         self.server_opt = make_server_optimizer(cfg.server)
@@ -121,7 +125,7 @@ class Experiment:
         # The complete server state: everything a checkpoint must hold.
         self.state: State = clone(model.state_dict())
         params = {k: self.state[k] for k in self.param_keys}
-        self.server_state: State = self.server_opt.init({k: v.double() for k, v in params.items()})
+        self.server_state: State = self.server_opt.init({k: params[k].double() for k in self.server_keys})
         self.objective_state: State = self.objective.server_init(params)
         self.client_store: dict[int, dict[str, State]] = {}
         self.rows: list[dict[str, Any]] = []
@@ -232,11 +236,11 @@ class Experiment:
         # In float64: x + 1.0 * (mean - x) == mean exactly, so FedAvg with one client is that client's model.
         weights = [float(res.num_samples) for res in results]
         mean = weighted_mean([res.state for res in results], weights, keep_float64=True)
-        params = {k: self.state[k].double() for k in self.param_keys}
-        delta = {k: mean[k] - params[k] for k in self.param_keys}
+        params = {k: self.state[k].double() for k in self.server_keys}
+        delta = {k: mean[k] - params[k] for k in self.server_keys}
         new_params, self.server_state = self.server_opt.step(params, delta, self.server_state)
         new_state = dict(self.state)
-        for k, v in mean.items():  # floating buffers: the weighted client mean
+        for k, v in mean.items():  # floating buffers (and FedBN's norm layers): the weighted client mean
             new_state[k] = v.to(self.state[k].dtype)
         for k, v in new_params.items():  # parameters: the server optimizer's step
             new_state[k] = v.to(self.state[k].dtype)
