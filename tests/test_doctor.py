@@ -96,19 +96,25 @@ def test_equal_samples_accuracy_interpolates_between_central_epochs():
     assert accuracy_at_samples(central, 3001) is None  # beyond the run
 
 
-def test_gap_rows_rank_and_share_closed():
+def test_gap_rows_rank_and_share_closed_on_the_mean_of_the_last_three_evaluations():
     variants = [V.Variant("central", "centralized", "", None), V.Variant("naive", "naive", "", None),
-                V.Variant("fedbn", "FedBN", V.NORMALIZATION, None)]
-    records = {"central": [record("c", [0.95, 0.99], 1000)], "naive": [record("n", [0.5, 0.7, 0.89], 500)],
-               "fedbn": [record("b", [0.9, 0.95, 0.97], 500)]}
+                V.Variant("fedbn", "FedBN", V.NORMALIZATION, None), V.Variant("lucky", "lucky", V.SERVER, None)]
+    records = {"central": [record("c", [0.90, 0.98, 0.98, 0.98], 1000)],
+               "naive": [record("n", [0.50, 0.86, 0.90, 0.88], 500)],
+               "fedbn": [record("b", [0.90, 0.95, 0.96, 0.97], 500)],
+               "lucky": [record("l", [0.50, 0.60, 0.60, 0.99], 500)]}  # one good last evaluation
     rows = gap_rows(variants, records, "central", "naive", target=0.95)
-    assert [r.variant for r in rows] == ["central", "fedbn", "naive"]
+    assert [r.variant for r in rows] == ["central", "fedbn", "naive", "lucky"]
     by = {r.variant: r for r in rows}
+    assert by["naive"].final_test_accuracy == pytest.approx(0.88)  # (0.86 + 0.90 + 0.88) / 3
+    assert by["naive"].last_test_accuracy == pytest.approx(0.88) and by["lucky"].last_test_accuracy == 0.99
+    assert by["naive"].late_sem == pytest.approx(0.02 / 3 ** 0.5)  # sample std 0.02 over three evaluations
     assert by["naive"].gap_pp == pytest.approx(10.0)
     assert by["fedbn"].gap_pp == pytest.approx(2.0)
     assert by["fedbn"].gap_closed == pytest.approx(0.8)
-    # 1500 samples: the centralized run has 0.95 + 0.5 * 0.04 = 0.97 there
-    assert by["fedbn"].gap_equal_samples_pp == pytest.approx(0.0, abs=1e-9)
+    assert by["lucky"].gap_closed == pytest.approx((10.0 - 25.0) / 10.0)  # gap 0.98 - (0.6 + 0.6 + 0.99) / 3
+    # 2000 samples: the centralized run has 0.98 there (after its second epoch)
+    assert by["fedbn"].gap_equal_samples_pp == pytest.approx(2.0)
     assert by["fedbn"].rounds_to_target == 2 and by["naive"].rounds_to_target is None
 
 

@@ -62,24 +62,25 @@ def doctor(args, preset, seeds, out, jobs, target, quiet):
 
 
 def gap_table(res) -> Table:
-    from fedgap.diagnose.gap import fmt_pct, status
+    from fedgap.diagnose.gap import LATE_EVALS, fmt_pct, status
 
     table = Table(title=f"fedgap doctor ({res.preset.name}): gap to centralized training, ranked",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("#", justify="right")
     table.add_column("variant", min_width=20)
-    for col in ("final acc", "gap pp", "gap*", "closed", "rounds"):
+    for col in ("final acc", "last", "gap pp", "gap*", "closed", "rounds"):
         table.add_column(col, justify="right", no_wrap=True)
     for i, r in enumerate(res.rows, 1):
         style = {"naive": "red", "central": "bold", "combined": "green"}.get(r.variant)
         reach = "-" if r.variant == "central" else (
             f"{r.rounds_to_target:.0f}" if r.rounds_to_target is not None else "never")
         table.add_row(
-            str(i), r.label + status(r), fmt_pct(r.final_test_accuracy, r.final_std),
+            str(i), r.label + status(r), fmt_pct(r.final_test_accuracy, r.final_std), fmt_pct(r.last_test_accuracy),
             "-" if r.gap_pp is None else f"{r.gap_pp:.2f}",
             "-" if r.gap_equal_samples_pp is None else f"{r.gap_equal_samples_pp:.2f}",
             "-" if r.gap_closed is None else f"{100 * r.gap_closed:.0f}%", reach, style=style)
-    table.caption = (f"gap pp: to centralized final accuracy; gap*: to centralized after as many samples; "
+    table.caption = (f"final acc: mean of the last {LATE_EVALS} evaluations; last: the last one; gap pp: to "
+                     f"centralized final accuracy; gap*: to centralized after as many samples; "
                      f"rounds: to reach {fmt_pct(res.target)} ({res.target_source})")
     table.caption_justify = "left"
     return table

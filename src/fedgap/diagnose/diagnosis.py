@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fedgap.diagnose.gap import GapRow
+from fedgap.diagnose.gap import LATE_EVALS, GapRow, evaluation_noise_pp
 from fedgap.diagnose.pool import RunRecord
 from fedgap.diagnose.variants import CAUSES
 
@@ -53,6 +53,9 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
     if central is None or naive is None or central.final_test_accuracy is None or naive.final_test_accuracy is None:
         return [Finding("No diagnosis", "the centralized or the naive run did not finish; see the table", "caveat")]
     tie = 2 * noise if noise is not None else ONE_SEED_NOISE_PP
+    swing = evaluation_noise_pp(rows)
+    if noise is None and swing is not None:
+        tie = max(tie, 2 * swing)  # one seed: the runs' own evaluation-to-evaluation noise, if larger
     gap = naive.gap_pp or 0.0
 
     equal = ""
@@ -62,7 +65,8 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
     out.append(Finding("The gap", (
         f"Centralized training of the same model reaches {pct(central.final_test_accuracy)} after "
         f"{central.rounds} epochs. The naive federated run reaches {pct(naive.final_test_accuracy)} after "
-        f"{naive.rounds} rounds: {gap:.2f} pp below{equal}."), "info"))
+        f"{naive.rounds} rounds: {gap:.2f} pp below{equal}. Accuracies here are means of each run's last "
+        f"{LATE_EVALS} evaluations (naive: last evaluation {pct(naive.last_test_accuracy or 0)})."), "info"))
     if gap <= tie:
         out.append(Finding("No meaningful gap", (
             f"The naive gap ({gap:.2f} pp) is within the noise ({tie:.2f} pp): there is little to fix in this "
@@ -110,8 +114,10 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
     out += _remedy_findings(rows, naive, gap, tie)
     if seeds == 1:
         out.append(Finding("One seed", (
-            f"Every variant ran with one seed, so differences below about {ONE_SEED_NOISE_PP:.0f} pp are not "
-            f"resolved; `--seeds 3` gives means and standard deviations."), "caveat"))
+            f"Every variant ran with one seed, so differences below about {tie:.1f} pp are not resolved (at "
+            f"least {ONE_SEED_NOISE_PP:.0f} pp; twice the typical standard error of a run's last {LATE_EVALS} "
+            f"evaluations, {swing if swing is not None else 0:.1f} pp, if larger); `--seeds 3` gives means and "
+            f"standard deviations."), "caveat"))
     out.append(Finding("Rounds to target", (
         f"Rounds to target count the rounds until a variant first reaches {pct(target)} ({target_source})."),
         "info"))

@@ -28,7 +28,7 @@ from fedgap.fl import outputs
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_std", "best_test_accuracy",
                "best_std", "gap_equal_samples_pp", "gap_closed", "reached", "seeds", "rounds", "wall_seconds",
-               "cause", "label", "changes", "error", "diverged"]
+               "cause", "label", "changes", "error", "diverged", "last_test_accuracy", "late_sem"]
 
 
 @dataclass

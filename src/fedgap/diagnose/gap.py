@@ -1,5 +1,10 @@
 """The gap table: every number in it is computed here from the runs' own metrics.
 
+- ``final_test_accuracy``: the mean test accuracy of the last ``LATE_EVALS`` evaluations of a run (then the
+  mean over seeds). One evaluation does not rank remedies under label skew: at alpha 0.1 the global model
+  swings by 10 pp from one evaluation to the next (the sampled clients' labels pull it around), so the last
+  evaluation alone is luck as much as skill. ``last_test_accuracy`` is that last evaluation;
+  ``late_sem`` the standard error of the late mean (spread of those evaluations / sqrt(count)).
 - ``gap_pp``: centralized final accuracy minus the variant's final accuracy, in percentage points.
 - ``gap_equal_samples_pp``: the same against the centralized run's accuracy after the same number of training
   samples as the variant processed (linear in samples between the centralized run's epochs): federated
@@ -26,7 +31,7 @@ class GapRow:
     label: str
     cause: str
     seeds: int
-    final_test_accuracy: float | None
+    final_test_accuracy: float | None  # mean of the last LATE_EVALS evaluations
     final_std: float | None
     best_test_accuracy: float | None
     best_std: float | None
@@ -39,14 +44,28 @@ class GapRow:
     wall_seconds: float
     changes: str
     error: str | None = None
+    last_test_accuracy: float | None = None
+    late_sem: float | None = None
     diverged: int = 0  # seeds whose run stopped on a non-finite model (diverged_at_round in their summary)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+LATE_EVALS = 3
+
+
 def accuracies(record: RunRecord) -> list[tuple[int, float]]:
     return [(int(r["round"]), float(r["test_accuracy"])) for r in record.rows if r.get("test_accuracy") is not None]
+
+
+def late_accuracy(record: RunRecord) -> tuple[float | None, float | None]:
+    """(mean, standard error) of the last LATE_EVALS evaluated accuracies; (None, None) without any."""
+    tail = [a for _, a in accuracies(record)][-LATE_EVALS:]
+    if not tail:
+        return None, None
+    sem = float(np.std(tail, ddof=1) / math.sqrt(len(tail))) if len(tail) > 1 else None
+    return float(np.mean(tail)), sem
 
 
 def first_round_at(record: RunRecord, target: float) -> int | None:
@@ -86,12 +105,15 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
              target: float) -> list[GapRow]:
     """One row per variant (central and naive included), ranked by final accuracy (failed runs last)."""
     central = [r for r in records[central_key] if r.ok]
-    central_final = _mean_std([r.summary["final_test_accuracy"] for r in central])[0]
+    central_final = _mean_std([late_accuracy(r)[0] for r in central if late_accuracy(r)[0] is not None])[0]
     rows: list[GapRow] = []
     for v in variants:
         recs = records[v.key]
         ok = [r for r in recs if r.ok]
-        finals = [r.summary["final_test_accuracy"] for r in ok if r.summary["final_test_accuracy"] is not None]
+        lates = {id(r): late_accuracy(r) for r in ok}
+        finals = [lates[id(r)][0] for r in ok if lates[id(r)][0] is not None]
+        lasts = [r.summary["final_test_accuracy"] for r in ok if r.summary["final_test_accuracy"] is not None]
+        sems = [lates[id(r)][1] for r in ok if lates[id(r)][1] is not None]
         bests = [r.summary["best_test_accuracy"] for r in ok if r.summary["best_test_accuracy"] is not None]
         final, final_std = _mean_std(finals)
         best, best_std = _mean_std(bests)
@@ -99,8 +121,8 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
         equal = []
         for r, c in zip(ok, central, strict=False):  # seed i against central seed i
             at = accuracy_at_samples(c, train_samples(r))
-            if at is not None and r.summary["final_test_accuracy"] is not None:
-                equal.append(100 * (at - r.summary["final_test_accuracy"]))
+            if at is not None and lates[id(r)][0] is not None:
+                equal.append(100 * (at - lates[id(r)][0]))
         reached = [first_round_at(r, target) for r in ok]
         hit = [x for x in reached if x is not None]
         rows.append(GapRow(
@@ -112,6 +134,8 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
             wall_seconds=float(sum(r.summary["wall_seconds"] for r in ok)),
             changes=" ".join(v.overrides), error=next((r.error for r in recs if r.error), None),
             diverged=sum(1 for r in ok if r.summary.get("diverged_at_round")),
+            last_test_accuracy=_mean_std(lasts)[0],
+            late_sem=float(np.mean(sems)) / math.sqrt(len(sems)) if sems else None,
         ))
     naive = next(r for r in rows if r.variant == naive_key)
     for row in rows:
@@ -129,6 +153,12 @@ def status(row: GapRow) -> str:
     if row.diverged:
         return " (diverged)" if row.diverged == row.seeds else f" (diverged in {row.diverged}/{row.seeds} seeds)"
     return ""
+
+
+def evaluation_noise_pp(rows: list[GapRow]) -> float | None:
+    """Typical standard error (pp) of a federated run's late mean: how much its last evaluations disagree."""
+    sems = [100 * r.late_sem for r in rows if r.variant != "central" and r.late_sem is not None]
+    return float(np.median(sems)) if sems else None
 
 
 def noise_pp(rows: list[GapRow]) -> float | None:

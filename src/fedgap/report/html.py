@@ -9,7 +9,7 @@ import base64
 import html
 from pathlib import Path
 
-from fedgap.diagnose.gap import fmt_pct, status
+from fedgap.diagnose.gap import LATE_EVALS, fmt_pct, status
 from fedgap.fl import outputs
 from fedgap.report import plots
 
@@ -55,8 +55,8 @@ def _num(x, fmt="{:.2f}") -> str:
 
 
 def _table(res) -> str:
-    head = ('<tr><th>#</th><th class="l">variant</th><th class="l">cause</th><th>final accuracy</th>'
-            "<th>best accuracy</th>"
+    head = ('<tr><th>#</th><th class="l">variant</th><th class="l">cause</th>'
+            f"<th>final accuracy (last {LATE_EVALS} evaluations)</th><th>last evaluation</th><th>best accuracy</th>"
             "<th>gap (pp)</th><th>gap, equal samples (pp)</th><th>gap closed</th><th>rounds to target</th>"
             "<th>wall time (s)</th></tr>")
     body = []
@@ -73,7 +73,8 @@ def _table(res) -> str:
             label += f'<div class="muted">{_e(status(r).strip(" ()"))}: stopped at the first non-finite model</div>'
         body.append(
             f'<tr class="{_e(r.variant)}"><td>{i}</td><td class="l">{label}</td><td class="l">{_e(r.cause or "-")}</td>'
-            f"<td>{fmt_pct(r.final_test_accuracy, r.final_std)}</td><td>{fmt_pct(r.best_test_accuracy, r.best_std)}"
+            f"<td>{fmt_pct(r.final_test_accuracy, r.final_std)}</td><td>{fmt_pct(r.last_test_accuracy)}</td>"
+            f"<td>{fmt_pct(r.best_test_accuracy, r.best_std)}"
             f"</td><td>{_num(r.gap_pp)}</td><td>{_num(r.gap_equal_samples_pp)}</td><td>{closed}</td>"
             f"<td>{reach}</td><td>{_num(r.wall_seconds, '{:.0f}')}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
@@ -150,7 +151,9 @@ def render(res) -> str:
 green = client drift, purple = server optimizer, orange = regularization, brown = combination.</p>
 <h2>Gap to centralized training</h2>{gap_img}
 <h2>Ranking</h2>{_table(res)}
-<p class="muted">Gap = centralized final accuracy minus the variant's final accuracy. Equal samples: against the
+<p class="muted">Final accuracy = the mean of a run's last {LATE_EVALS} evaluations (under label skew the global
+model swings from one evaluation to the next, so one evaluation does not rank remedies); last evaluation shown
+beside it. Gap = centralized final accuracy minus the variant's final accuracy. Equal samples: against the
 centralized run after as many training samples as the variant processed. Gap closed = share of the naive gap.
 Rounds to target: first evaluated round at {fmt_pct(res.target)} ({_e(res.target_source)}).</p>
 <h2>Diagnostics of the naive run</h2>{diag_img}

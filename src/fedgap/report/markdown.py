@@ -3,25 +3,28 @@ issue thread."""
 
 from __future__ import annotations
 
-from fedgap.diagnose.gap import fmt_pct, status
+from fedgap.diagnose.gap import LATE_EVALS, fmt_pct, status
 
 
 def render_markdown(res) -> str:
     lines = [
         f"Doctor preset `{res.preset.name}`, {res.timing()}. Command: `{res.command}`",
         "",
-        "| # | variant | final accuracy | gap (pp) | gap, equal samples (pp) | gap closed | rounds to target |",
-        "|---|---|---|---|---|---|---|",
+        "| # | variant | final accuracy | last evaluation | gap (pp) | gap, equal samples (pp) | gap closed | "
+        "rounds to target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(res.rows, 1):
         reach = "-" if r.variant == "central" else (f"{r.rounds_to_target:.0f}" if r.rounds_to_target is not None
                                                     else "not reached")
         lines.append(
             f"| {i} | {r.label}{status(r)} | {fmt_pct(r.final_test_accuracy, r.final_std)} | "
+            f"{fmt_pct(r.last_test_accuracy)} | "
             f"{'-' if r.gap_pp is None else f'{r.gap_pp:.2f}'} | "
             f"{'-' if r.gap_equal_samples_pp is None else f'{r.gap_equal_samples_pp:.2f}'} | "
             f"{'-' if r.gap_closed is None else f'{100 * r.gap_closed:.0f}%'} | {reach} |")
-    lines += ["", f"Rounds to target: first evaluation at {fmt_pct(res.target)} ({res.target_source}).", ""]
+    lines += ["", f"Final accuracy: the mean of a run's last {LATE_EVALS} evaluations (gap and share closed use it). "
+              f"Rounds to target: first evaluation at {fmt_pct(res.target)} ({res.target_source}).", ""]
     lines += [f"- **{f.title}.** {f.text}" for f in res.findings]
     if res.cut:
         lines += ["", f"This run leaves out: {res.cut}."]
