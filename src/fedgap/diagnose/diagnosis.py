@@ -54,8 +54,6 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
         return [Finding("No diagnosis", "the centralized or the naive run did not finish; see the table", "caveat")]
     tie = 2 * noise if noise is not None else ONE_SEED_NOISE_PP
     swing = evaluation_noise_pp(rows)
-    if noise is None and swing is not None:
-        tie = max(tie, 2 * swing)  # one seed: the runs' own evaluation-to-evaluation noise, if larger
     gap = naive.gap_pp or 0.0
 
     equal = ""
@@ -114,10 +112,10 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
     out += _remedy_findings(rows, naive, gap, tie)
     if seeds == 1:
         out.append(Finding("One seed", (
-            f"Every variant ran with one seed, so differences below about {tie:.1f} pp are not resolved (at "
-            f"least {ONE_SEED_NOISE_PP:.0f} pp; twice the typical standard error of a run's last {LATE_EVALS} "
-            f"evaluations, {swing if swing is not None else 0:.1f} pp, if larger); `--seeds 3` gives means and "
-            f"standard deviations."), "caveat"))
+            f"Every variant ran with one seed, so differences below about {ONE_SEED_NOISE_PP:.0f} pp are not "
+            f"resolved, and more where the runs swing: the typical standard error of a run's final accuracy (the "
+            f"mean of its last {LATE_EVALS} evaluations) is {swing if swing is not None else 0:.1f} pp here. "
+            f"`--seeds 3` gives means and standard deviations."), "caveat"))
     out.append(Finding("Rounds to target", (
         f"Rounds to target count the rounds until a variant first reaches {pct(target)} ({target_source})."),
         "info"))
