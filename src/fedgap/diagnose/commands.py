@@ -67,7 +67,7 @@ def gap_table(res) -> Table:
     table = Table(title=f"fedgap doctor ({res.preset.name}): gap to centralized training, ranked",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("#", justify="right")
-    table.add_column("variant", min_width=20)
+    table.add_column("variant", min_width=14)
     for col in ("final acc", "last", "gap pp", "gap*", "closed", "rounds"):
         table.add_column(col, justify="right", no_wrap=True)
     for i, r in enumerate(res.rows, 1):
