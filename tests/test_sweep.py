@@ -4,8 +4,11 @@ import csv
 import json
 import os
 
+import pytest
+
 from conftest import cli, tiny_args
 from fedgap.diagnose.sweep import grid, split_values
+from fedgap.fl.outputs import read_metrics
 
 
 def test_commas_inside_brackets_stay_in_one_value():
@@ -28,6 +31,10 @@ def test_sweep_runs_the_grid_and_reuses_it(tiny_idx, tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert sorted(r["model.norm"] for r in rows) == ["batch", "group"]
     assert all(0 <= float(r["final_test_accuracy"]) <= 1 for r in rows)
+    for r in rows:  # the doctor's final accuracy beside the last evaluation: mean of the last 3 evaluations
+        accs = [float(m["test_accuracy"]) for m in read_metrics(out / r["run_dir"] / "metrics.csv")
+                if m["test_accuracy"]]
+        assert float(r["late_test_accuracy"]) == pytest.approx(sum(accs[-3:]) / len(accs[-3:]))
     assert (out / "sweep.png").stat().st_size > 1000 and (out / "summary.json").exists()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     assert len(stamps) == 2

@@ -19,7 +19,7 @@ import click
 from rich.table import Table
 
 from fedgap.config import load_config
-from fedgap.diagnose.gap import first_round_at, fmt_pct
+from fedgap.diagnose.gap import LATE_EVALS, first_round_at, fmt_pct, late_accuracy
 from fedgap.diagnose.pool import RunSpec, run_all
 from fedgap.errors import ConfigError
 from fedgap.fl import outputs
@@ -89,7 +89,7 @@ def sweep(args, out, jobs, quiet):
     table = Table(title=f"fedgap sweep: {len(records)} runs", title_justify="left")
     for k in keys:
         table.add_column(k)
-    for col in ("final acc", "best acc", "rounds to target", "s/round"):
+    for col in ("final acc", f"last-{LATE_EVALS} mean", "best acc", "rounds to target", "s/round"):
         table.add_column(col, justify="right")
     rows = []
     for spec, point, rec in zip(specs, points, records, strict=True):
@@ -97,20 +97,23 @@ def sweep(args, out, jobs, quiet):
         s = rec.summary or {}
         row = {k: values[k] for k in keys}
         row.update({c: s.get(c) for c in COLUMNS})
+        row["late_test_accuracy"] = late_accuracy(rec)[0] if rec.ok else None  # as the doctor's final accuracy
         row["rounds_to_target"] = first_round_at(rec, spec.cfg.eval.target) if rec.ok else None
         row["run_dir"] = str(rec.run_dir.relative_to(out))
         row["error"] = rec.error
         rows.append(row)
     rows.sort(key=lambda r: -(r["final_test_accuracy"] or -1))
     for r in rows:
-        table.add_row(*[str(r[k]) for k in keys], fmt_pct(r["final_test_accuracy"]), fmt_pct(r["best_test_accuracy"]),
+        table.add_row(*[str(r[k]) for k in keys], fmt_pct(r["final_test_accuracy"]), fmt_pct(r["late_test_accuracy"]),
+                      fmt_pct(r["best_test_accuracy"]),
                       "not reached" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
                       "-" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.2f}",
                       style="red" if r["error"] else None)
     out_console.print(table)
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*keys, *COLUMNS, "run_dir", "error"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=[*keys, *COLUMNS, "late_test_accuracy", "run_dir", "error"],
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
     outputs.atomic_write_text(out / "sweep.csv", buf.getvalue())
