@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedgap.config import load_config
-from fedgap.diagnose.drift import bn_divergence, bn_input_moments, client_drift, gaussian_distance
+from fedgap.diagnose.drift import bn_divergence, client_drift, gaussian_distance
 from fedgap.fl.evaluate import evaluate
-from fedgap.fl.normpolicy import layer_input_moments, recalibrate
+from fedgap.fl.normpolicy import input_moments, layer_input_moments, recalibrate
 from fedgap.models import build_model
 from fedgap.models.norm import batchnorm_modules
 
@@ -61,7 +61,7 @@ def recalibrated(model, layers, clients):
 def test_identical_clients_have_zero_bn_divergence(bn_model_and_clients):
     model, layers, zeros, _, _ = bn_model_and_clients
     state = recalibrated(model, layers, [zeros, zeros])
-    moments = [bn_input_moments(model, state, zeros, layers) for _ in range(2)]
+    moments = [input_moments(model, state, zeros, layers) for _ in range(2)]
     div = bn_divergence(moments, state)
     for part in (div.divergence, div.running_error, div.client_spread):
         assert set(part) == set(layers)
@@ -76,7 +76,7 @@ def test_disjoint_label_sets_have_large_bn_divergence(bn_model_and_clients):
 
     def spread(clients):
         state = recalibrated(model, layers, clients)
-        div = bn_divergence([bn_input_moments(model, state, x, layers) for x in clients], state)
+        div = bn_divergence([input_moments(model, state, x, layers) for x in clients], state)
         return div, state
 
     disjoint, state = spread([zeros, ones])
@@ -90,7 +90,7 @@ def test_disjoint_label_sets_have_large_bn_divergence(bn_model_and_clients):
         assert disjoint.client_spread[layer] > 10 * baseline.client_spread[layer], layer
     # running statistics of one client's data only: the pooled data are far from them
     only_zeros = recalibrated(model, layers, [zeros])
-    moments = [bn_input_moments(model, only_zeros, x, layers) for x in (zeros, ones)]
+    moments = [input_moments(model, only_zeros, x, layers) for x in (zeros, ones)]
     assert bn_divergence(moments, only_zeros).means()["bn_running_error"] > 0.05
 
 

@@ -37,15 +37,8 @@ import torch
 
 from fedgap.fl.evaluate import label_matched_subset
 from fedgap.fl.normpolicy import Moments, input_moments, sum_moments
-from fedgap.fl.state import State
 
 EPS = 1e-5  # BatchNorm's default eps: the distance stays finite for channels with (almost) no variance
-
-
-def bn_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layers: Sequence[str],
-                     batch_size: int = 512) -> dict[str, Moments]:
-    """Per-channel moments of every listed BatchNorm layer's input over ``x``, in one eval-mode pass."""
-    return input_moments(model, state, x, list(layers), batch_size)
 
 
 def gaussian_distance(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor,
@@ -132,8 +125,8 @@ class Diagnostics:
             moments = []
             for r in results:
                 rows = exp.parts[r.client_id][: self.max_samples]
-                moments.append(bn_input_moments(engine.model, state, data.train_x[torch.from_numpy(rows)],
-                                                exp.bn_layers))
+                moments.append(input_moments(engine.model, state, data.train_x[torch.from_numpy(rows)],
+                                             exp.bn_layers, batch_size=512))
             div = bn_divergence(moments, state)
             row.update(div.means())
             row.update({f"bn_divergence[{layer}]": v for layer, v in div.divergence.items()})

@@ -105,24 +105,24 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
              target: float) -> list[GapRow]:
     """One row per variant (central and naive included), ranked by final accuracy (failed runs last)."""
     central = [r for r in records[central_key] if r.ok]
-    central_final = _mean_std([late_accuracy(r)[0] for r in central if late_accuracy(r)[0] is not None])[0]
+    central_final = _mean_std([m for m, _ in map(late_accuracy, central) if m is not None])[0]
     rows: list[GapRow] = []
     for v in variants:
         recs = records[v.key]
         ok = [r for r in recs if r.ok]
-        lates = {id(r): late_accuracy(r) for r in ok}
-        finals = [lates[id(r)][0] for r in ok if lates[id(r)][0] is not None]
+        late = [late_accuracy(r) for r in ok]  # (mean, standard error) per seed, aligned with ok
+        finals = [m for m, _ in late if m is not None]
+        sems = [e for _, e in late if e is not None]
         lasts = [r.summary["final_test_accuracy"] for r in ok if r.summary["final_test_accuracy"] is not None]
-        sems = [lates[id(r)][1] for r in ok if lates[id(r)][1] is not None]
         bests = [r.summary["best_test_accuracy"] for r in ok if r.summary["best_test_accuracy"] is not None]
         final, final_std = _mean_std(finals)
         best, best_std = _mean_std(bests)
         gap = None if final is None or central_final is None else 100 * (central_final - final)
         equal = []
-        for r, c in zip(ok, central, strict=False):  # seed i against central seed i
+        for r, (m, _), c in zip(ok, late, central, strict=False):  # seed i against central seed i
             at = accuracy_at_samples(c, train_samples(r))
-            if at is not None and lates[id(r)][0] is not None:
-                equal.append(100 * (at - lates[id(r)][0]))
+            if at is not None and m is not None:
+                equal.append(100 * (at - m))
         reached = [first_round_at(r, target) for r in ok]
         hit = [x for x in reached if x is not None]
         rows.append(GapRow(

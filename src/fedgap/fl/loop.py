@@ -142,7 +142,7 @@ class Experiment:
         total = cfg.server.rounds
         if self.out is not None:
             outputs.atomic_write_text(self.out / outputs.CONFIG, dump_yaml(cfg))
-        finished = self.round >= total or self.reached_target() or self.diverged_at() is not None
+        finished = self.round >= total or self.stopped_early()
         if finished and self.out is not None and (self.out / outputs.SUMMARY).exists():
             self._release()
             return self.summary()
@@ -152,7 +152,7 @@ class Experiment:
         try:
             self.engine.start()
             self.startup_seconds += time.perf_counter() - t_start
-            while self.round < total and not self.reached_target() and self.diverged_at() is None:
+            while self.round < total and not self.stopped_early():
                 row = self.step()
                 acc = row.get("test_accuracy")
                 bar.update(self.round, f"acc {acc:.2%}" if acc is not None else "")
@@ -275,6 +275,10 @@ class Experiment:
         if not self.cfg.eval.stop_at_target:
             return False
         return any((r.get("test_accuracy") or 0.0) >= self.cfg.eval.target for r in self.rows)
+
+    def stopped_early(self) -> bool:
+        """Whether the run ended before server.rounds: at its target (eval.stop_at_target) or diverged."""
+        return self.reached_target() or self.diverged_at() is not None
 
     def diverged_at(self) -> int | None:
         """The round after which the global model held a non-finite weight (the run stopped there), or None."""
