@@ -17,6 +17,11 @@ from conftest import REPO, cli, cli_subprocess
         (["server.clients_per_round=101"], "server.clients_per_round: must be <= data.num_clients (100)"),
         (["model.norm=group", "model.groups=3"], "model.groups: 3 does not divide"),
         (["engine.name=warp"], "engine.name: must be one of"),
+        (["client.lr=inf"], "client.lr: input should be a finite number"),
+        (["server.mu=nan"], "server.mu: input should be a finite number"),
+        (["data.alpha=.inf"], "data.alpha: input should be a finite number"),
+        (["engine.fail_clients=[1000]"], "engine.fail_clients: client ids must be in 0..99"),
+        (["engine.crash_clients=[-1]"], "engine.crash_clients: client ids must be in 0..99"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(tmp_path, capsys, args, message):

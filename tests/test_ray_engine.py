@@ -30,6 +30,8 @@ from fedgap.engines import ray_actor  # noqa: E402
 from fedgap.engines.ray_engine import init_local_ray  # noqa: E402
 from fedgap.engines.schedule import largest_first as schedule_order  # noqa: E402
 
+# Two threads add the same float32 sums in another order (~1e-7 relative per op); after three tiny rounds the
+# largest weight difference measured 4.7e-5: a 20x margin, not tuned to one machine (docs/engines.md).
 TWO_THREAD_ATOL = 1e-3
 # 300 images over 6 Dirichlet clients of 28-87 samples, 4 per round: rounds 1-3 sample [1 2 3 4], [0 2 3 5], [0 2 4 5].
 ONLY_IN_ROUND_1 = 1
@@ -212,7 +214,7 @@ def test_too_few_survivors_stop_with_exit_code_3_and_resume_finishes_the_run(tin
 
     code, _, err = cli("run", "--out", str(out), "--resume", "engine.crash_clients=[]", "--quiet", capsys=capsys)
     assert code == 0, err
-    done = torch.load(out / "checkpoint.pt", weights_only=False)
+    done = torch.load(out / "checkpoint.pt", weights_only=True)
     alone = sequential_1t(tiny_idx, "server.min_clients=4")
     assert_same_state(done["state"], alone.state)
     assert_same_rows(done["rows"], alone.rows)
@@ -281,7 +283,7 @@ def test_cli_run_on_a_private_local_ray_killed_and_resumed(tiny_idx, tmp_path):
     resumed = cli_subprocess("run", "--out", str(out), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert not foreign_ray_processes() - before  # close() shut the private Ray down
-    done = torch.load(out / "checkpoint.pt", weights_only=False)
+    done = torch.load(out / "checkpoint.pt", weights_only=True)
     alone = sequential_1t(tiny_idx, "server.rounds=4")
     assert_same_state(done["state"], alone.state)
     assert_same_rows(done["rows"], alone.rows)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, cli, cli_subprocess
+from conftest import FAST, cli, cli_subprocess, tiny_args
 from fedgap.config import load_config
 from fedgap.fl.outputs import BASE_COLUMNS, read_metrics
 
@@ -22,7 +22,7 @@ def numbers(metrics_path):
 
 
 def final_state(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]
 
 
 def assert_same_state(a, b):
@@ -185,3 +185,30 @@ def test_a_finite_run_reports_no_divergence(tmp_path, capsys):
     assert cli("run", *FAST, "server.rounds=1", "--out", str(out), "--quiet", capsys=capsys)[0] == 0
     assert json.loads((out / "summary.json").read_text())["diverged_at_round"] is None
     assert "diverged" not in read_metrics(out / "metrics.csv")[0]
+
+
+class _RunsCodeWhenUnpickled:
+    """A checkpoint entry whose unpickling would create a folder: what a malicious checkpoint.pt could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, tiny_idx):
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    args = ["run", *tiny_args(tiny_idx), "server.rounds=1", "--out", str(out), "--quiet"]
+    assert cli_subprocess(*args).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["rows"].append(_RunsCodeWhenUnpickled(marker))
+    (out / "summary.json").unlink()
+    torch.save(ckpt, out / "checkpoint.pt")
+    done = cli_subprocess(*args[:-4], "server.rounds=2", "--out", str(out), "--resume", "--quiet")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "refused" in lines[0] and "checkpoint.pt" in lines[0]
+    assert not marker.exists()  # the pickle's call never ran

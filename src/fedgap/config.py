@@ -30,8 +30,9 @@ Algorithm = Literal["fedavg", "fedprox", "scaffold", "fedbn", "fedavgm", "fedada
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default); assignments are validated.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors (a typo must not silently fall back to a default); assignments are validated;
+    # every float must be finite (client.lr=inf would start a run that can only produce NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -172,6 +173,11 @@ def _resolve(cfg: Config) -> None:
             f"server.min_clients: must be <= server.clients_per_round ({cfg.server.clients_per_round}), "
             f"got {cfg.server.min_clients}"
         )
+    for key in ("fail_clients", "crash_clients"):
+        bad = [c for c in getattr(cfg.engine, key) if not 0 <= c < cfg.data.num_clients]
+        if bad:
+            raise ValueError(f"engine.{key}: client ids must be in 0..{cfg.data.num_clients - 1} "
+                             f"(data.num_clients={cfg.data.num_clients}), got {bad}")
     if cfg.data.name == "idx" and not cfg.data.root:
         raise ValueError("data.root: required when data.name=idx (a folder with the four IDX files)")
     if cfg.model.norm_policy == "recalibrate" and cfg.model.norm != "batch":

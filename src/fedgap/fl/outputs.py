@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,16 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint without running code: ``weights_only=True`` lets torch's unpickler build tensors,
+    containers and plain numbers only, so a checkpoint.pt from someone else (a shared run folder, a copied
+    doctor cache) whose pickle would call a function is refused instead of executed."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FedgapError(f"--resume: no checkpoint at '{path}'") from None
+    except pickle.UnpicklingError:
+        raise FedgapError(f"checkpoint '{path}': refused, it holds objects other than tensors and plain values "
+                          f"(loading it could run code); start a new --out") from None
     except Exception as exc:  # a torn or foreign file
         raise FedgapError(f"checkpoint '{path}': cannot be read ({type(exc).__name__})") from None
 
