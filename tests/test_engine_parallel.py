@@ -28,6 +28,7 @@ from fedgap.engines.schedule import balanced_groups, slice_bounds
 from fedgap.errors import FedgapError
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext
 from fedgap.fl.loop import Experiment
+from fedgap.fl.objectives import OBJECTIVES
 from fedgap.fl.outputs import read_metrics
 
 TIME_KEYS = {"seconds", "train_seconds"}
@@ -71,7 +72,9 @@ def assert_same_tensors(a, b):
     ["server.algorithm=scaffold"],
     ["server.algorithm=fedbn"],
     ["server.algorithm=fedavg", "model.norm_policy=recalibrate"],
-], ids=["fedavg", "fedprox", "scaffold", "fedbn", "recalibrate"])
+    *([f"client.objective={name}"] for name in OBJECTIVES if name not in ("local", "prox", "scaffold")),
+], ids=["fedavg", "fedprox", "scaffold", "fedbn", "recalibrate",
+        *(name for name in OBJECTIVES if name not in ("local", "prox", "scaffold"))])
 def test_parallel_equals_sequential_bit_for_bit(tiny_idx, extra):
     seq = run(tiny(tiny_idx, *extra, "engine.threads=1"))
     par = run(tiny(tiny_idx, *extra, "engine.name=parallel", "engine.workers=2"))

@@ -25,8 +25,9 @@ from fedgap.data.datasets import load_dataset
 from fedgap.engines.cohort_model import CohortModel, StepRows
 from fedgap.engines.vectorized import batch_table, num_steps, train_cohort
 from fedgap.errors import ConfigError
-from fedgap.fl.client import ClientHParams, ClientTask, RoundContext, local_update
+from fedgap.fl.client import ClientHParams, ClientTask, RoundContext, client_objective, local_update
 from fedgap.fl.loop import Experiment, initial_model
+from fedgap.fl.objectives import OBJECTIVES
 from fedgap.models import build_model
 from fedgap.models.norm import float_norm_keys
 
@@ -54,7 +55,7 @@ def setup(data, overrides, sizes=SIZES, dtype=torch.float64):
     layers that differ per client so that every per-client input matters."""
     cfg = load_config(overrides=["client.batch_size=4", "engine.channels_last=false", *overrides])
     model = initial_model(cfg, data).to(dtype)
-    hp = ClientHParams.from_config(cfg, float_norm_keys(model))
+    hp = ClientHParams.from_config(cfg, float_norm_keys(model), data.num_classes)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     rows = np.random.default_rng(0).permutation(len(data.train_y))
@@ -62,12 +63,13 @@ def setup(data, overrides, sizes=SIZES, dtype=torch.float64):
     for i, n in enumerate(sizes):
         tasks.append(ClientTask(3 * i + 1, rows[start : start + n]))
         start += n
-    payload = {}
-    params = [k for k, _ in model.named_parameters()]
-    if hp.objective == "scaffold":
-        payload = {k: 0.01 * torch.randn(state[k].shape, generator=gen, dtype=dtype) for k in params}
-        tasks[0].own["objective"] = {k: 0.01 * torch.randn(v.shape, generator=gen, dtype=dtype)
-                                     for k, v in payload.items()}
+    params = {k: state[k] for k, _ in model.named_parameters()}
+    objective = client_objective(hp)  # random server and client state, whatever the objective keeps
+    payload = objective.payload({k: 0.01 * torch.randn(v.shape, generator=gen, dtype=dtype)
+                                 for k, v in objective.server_init(params).items()})
+    own = objective.client_init(params)
+    if own:
+        tasks[0].own["objective"] = {k: 0.01 * torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in own.items()}
     if hp.norm_policy == "local":
         tasks[1].own["norm"] = {k: state[k] + 0.1 * torch.rand(state[k].shape, generator=gen, dtype=dtype)
                                 for k in hp.norm_keys}
@@ -118,7 +120,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+# Every registered objective, with non-default hyper-parameters where it has any: a new objective is tested here
+# without anyone adding a case (clients of 3-11 samples hold few classes, so label counts differ and miss some).
+OBJECTIVE_CASES = {
+    f"objective-{name}": [f"client.objective={name}", "server.mu=0.3",
+                          *(f"objective.{name}.{field}=0.3" for field in cls.Params.model_fields if cls.own_section)]
+    for name, cls in OBJECTIVES.items()
+}
+
+
+@pytest.mark.parametrize("overrides", [*CASES.values(), *OBJECTIVE_CASES.values()],
+                         ids=[*CASES.keys(), *OBJECTIVE_CASES.keys()])
 def test_cohort_equals_local_update_in_float64(tiny, overrides):
     cfg, model, hp, ctx, tasks = setup(tiny, overrides)
     seq, vec = run_both(tiny, cfg, model, hp, ctx, tasks, torch.float64)
@@ -226,7 +238,7 @@ def float64_runs(monkeypatch):
     torch.set_default_dtype(dtype)
 
 
-@pytest.mark.parametrize("extra", E2E.values(), ids=E2E.keys())
+@pytest.mark.parametrize("extra", [*E2E.values(), *OBJECTIVE_CASES.values()], ids=[*E2E.keys(), *OBJECTIVE_CASES])
 def test_vectorized_gives_the_sequential_final_model(tiny_idx, float64_runs, extra):
     seq = experiment(tiny_idx, *extra)
     vec = experiment(tiny_idx, *extra, "engine.name=vectorized")

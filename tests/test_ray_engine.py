@@ -29,6 +29,7 @@ ray = pytest.importorskip("ray")
 from fedgap.engines import ray_actor  # noqa: E402
 from fedgap.engines.ray_engine import init_local_ray  # noqa: E402
 from fedgap.engines.schedule import largest_first as schedule_order  # noqa: E402
+from fedgap.fl.objectives import OBJECTIVES  # noqa: E402
 
 # Two threads add the same float32 sums in another order (~1e-7 relative per op); after three tiny rounds the
 # largest weight difference measured 4.7e-5: a 20x margin, not tuned to one machine (docs/engines.md).
@@ -145,10 +146,15 @@ def test_every_ray_port_listens_on_loopback_only():
                for a in addresses), addresses
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "fedbn"])
-def test_same_model_as_the_sequential_engine(tiny_idx, algorithm):
-    on_ray = run(tiny_idx, "engine.name=ray", f"server.algorithm={algorithm}")
-    alone = sequential_1t(tiny_idx, f"server.algorithm={algorithm}")
+# The presets with state of their own, and every other registered objective (a new one is tested on Ray here).
+SAME_MODEL = ["server.algorithm=fedavg", "server.algorithm=scaffold", "server.algorithm=fedbn",
+              *(f"client.objective={name}" for name in OBJECTIVES if name not in ("local", "scaffold"))]
+
+
+@pytest.mark.parametrize("setting", SAME_MODEL, ids=[s.split("=")[1] for s in SAME_MODEL])
+def test_same_model_as_the_sequential_engine(tiny_idx, setting):
+    on_ray = run(tiny_idx, "engine.name=ray", setting)
+    alone = sequential_1t(tiny_idx, setting)
     assert_same_state(on_ray.state, alone.state)  # bit for bit
     assert_same_rows(on_ray.rows, alone.rows)
     # per-client state went through the tasks and came back: SCAFFOLD's c_i, FedBN's norm layers
@@ -157,7 +163,7 @@ def test_same_model_as_the_sequential_engine(tiny_idx, algorithm):
         for part, state in own.items():
             assert_same_state(on_ray.client_store[cid][part], state)
     assert_same_state(on_ray.objective_state, alone.objective_state)  # SCAFFOLD's server c
-    if algorithm == "fedavg":  # the default sequential engine (2 threads) reduces in another order
+    if setting == "server.algorithm=fedavg":  # the default sequential engine (2 threads) reduces in another order
         assert_same_state(on_ray.state, run(tiny_idx, "engine.name=sequential").state, atol=TWO_THREAD_ATOL)
 
 

@@ -14,19 +14,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from fedgap.engines import ENGINES
 from fedgap.errors import ConfigError
-from fedgap.fl.presets import PRESETS, SERVER_DEFAULTS
+from fedgap.fl.objectives import OBJECTIVES
+from fedgap.fl.presets import PRESETS
+from fedgap.fl.server import SERVER_OPTIMIZERS
 
 PartitionName = Literal["iid", "dirichlet", "shards", "quantity", "central"]
 ModelName = Literal["mobilenet-like", "mobilenet-v1", "mobilenet-v2", "cnn"]
 NormName = Literal["batch", "group", "layer", "instance", "none"]
 NormPolicy = Literal["average", "local", "recalibrate"]
-ClientObjective = Literal["local", "prox", "scaffold"]
-ServerOptimizer = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
-EngineName = Literal["sequential", "parallel", "vectorized", "ray"]
-Algorithm = Literal["fedavg", "fedprox", "scaffold", "fedbn", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+# The component names come from their registries (the single source): a new objective, server optimizer,
+# preset or engine is a valid config value, described in `fedgap keys`, by adding its registry line.
+ClientObjective = Literal[tuple(OBJECTIVES)]
+ServerOptimizer = Literal[tuple(SERVER_OPTIMIZERS)]
+EngineName = Literal[tuple(ENGINES)]
+Algorithm = Literal[tuple(PRESETS)]
+
+
+def _names(registry) -> str:
+    return " | ".join(registry)
 
 
 class _Section(BaseModel):
@@ -68,23 +77,35 @@ class ClientConfig(_Section):
     augment_shift: int = Field(2, ge=0, le=8, description="max random shift in pixels")
     augment_rotate: float = Field(10.0, ge=0, le=45, description="max random rotation in degrees")
     objective: ClientObjective | None = Field(
-        None, description="local | prox (FedProx) | scaffold; default: from server.algorithm")
+        None, description=f"{_names(OBJECTIVES)}; default: from server.algorithm (objective.* holds their "
+                          f"hyper-parameters)")
+    lr_decay: float = Field(1.0, gt=0, le=1, description=(
+        "client lr schedule: round r trains at client.lr * lr_decay^(r-1) (1 = constant)"))
 
 
 class ServerConfig(_Section):
-    algorithm: Algorithm = Field("fedavg", description=(
-        "preset: fedavg | fedprox | scaffold | fedbn | fedavgm | fedadam | fedyogi | fedadagrad"))
+    algorithm: Algorithm = Field("fedavg", description=f"preset: {_names(PRESETS)}")
     optimizer: ServerOptimizer | None = Field(
-        None, description="sgd | momentum | adam | yogi | adagrad; default: from server.algorithm")
+        None, description=f"{_names(SERVER_OPTIMIZERS)}; default: from server.algorithm")
     rounds: int = Field(50, ge=1, description="federated rounds (central: epochs / client.epochs)")
     clients_per_round: int = Field(10, ge=1, description="clients sampled per round, seeded by round")
     lr: float | None = Field(None, gt=0, description="server learning rate (default: from the optimizer)")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description=(
+        "server lr over rounds: constant | cosine (from server.lr at round 1 to 0 after server.rounds)"))
     momentum: float | None = Field(None, ge=0, lt=1, description="server momentum (fedavgm)")
     beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of adam/yogi/adagrad")
     beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of adam/yogi")
     tau: float = Field(1e-3, gt=0, description="adaptivity (epsilon) of adam/yogi/adagrad")
     mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient")
     min_clients: int = Field(1, ge=1, description="a round with fewer surviving clients stops the run")
+
+
+# objective.<name>.<param>: each objective's own hyper-parameters, declared in its file (fedgap.fl.objectives).
+ObjectiveConfig = create_model(
+    "ObjectiveConfig", __base__=_Section,
+    **{name: (cls.Params, Field(default_factory=cls.Params, description=cls.summary))
+       for name, cls in OBJECTIVES.items() if cls.Params.model_fields and cls.own_section},
+)
 
 
 class EvalConfig(_Section):
@@ -127,6 +148,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -157,11 +179,11 @@ def _resolve(cfg: Config) -> None:
         cfg.server.optimizer = preset.server_optimizer
     if cfg.model.norm_policy is None:
         cfg.model.norm_policy = preset.norm_policy
-    defaults = SERVER_DEFAULTS[cfg.server.optimizer]
+    server_opt = SERVER_OPTIMIZERS[cfg.server.optimizer]
     if cfg.server.lr is None:
-        cfg.server.lr = defaults["lr"]
+        cfg.server.lr = server_opt.default_lr
     if cfg.server.momentum is None:
-        cfg.server.momentum = defaults.get("momentum", 0.0)
+        cfg.server.momentum = server_opt.default_momentum
 
     if cfg.server.clients_per_round > cfg.data.num_clients:
         raise ValueError(

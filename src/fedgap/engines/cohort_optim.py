@@ -13,10 +13,8 @@ implementation runs the same element-wise operations, so the two agree to float 
   p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 - AdamW: as Adam without the coupled term, after p <- p * (1 - lr * wd) (decoupled decay).
 
-Objective corrections (``fedgap.fl.objectives``), applied to the raw gradient before the optimizer:
-
-- FedProx: g <- g + mu * (p - w_global).
-- SCAFFOLD: sum_g <- sum_g + g (raw), then g <- g + (c - c_i); after the K_i steps, c_i+ = sum_g / K_i.
+The client objective (loss and gradient corrections) is not here: the vectorized engine runs the objects of
+``fedgap.fl.objectives`` over the stacked tensors, the same code as ``local_update``.
 """
 
 from __future__ import annotations
@@ -75,24 +73,3 @@ class CohortOptimizer:
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
         p.addcdiv_(exp_avg, denom, value=-step_size)
-
-
-class CohortObjective:
-    """The client objective's gradient correction over the cohort (local, prox, scaffold)."""
-
-    def __init__(self, name: str, mu: float, params: Stacked, anchor: dict[str, torch.Tensor],
-                 correction: Stacked | None = None):
-        self.name, self.mu, self.params, self.anchor = name, mu, params, anchor
-        self.correction = correction  # SCAFFOLD: c - c_i, stacked
-        self.grad_sum = {k: torch.zeros_like(v) for k, v in params.items()} if name == "scaffold" else {}
-
-    @torch.no_grad()
-    def correct(self, grads: Stacked, active: int) -> None:
-        """Edits the raw gradients in place, as ``LocalObjective.correct`` edits ``.grad``."""
-        if self.name == "prox" and self.mu != 0:
-            for k, g in grads.items():
-                g.add_(self.params[k][:active] - self.anchor[k], alpha=self.mu)
-        elif self.name == "scaffold":
-            for k, g in grads.items():
-                self.grad_sum[k][:active].add_(g)
-                g.add_(self.correction[k][:active])

@@ -28,7 +28,8 @@ class ClientRunner:
         self.cfg = cfg
         self.data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root)
         self.model = prepare_model(build_model(cfg.model, self.data.image_shape, self.data.num_classes), cfg)
-        self.hp = hp if hp is not None else ClientHParams.from_config(cfg, float_norm_keys(self.model))
+        self.hp = hp if hp is not None else ClientHParams.from_config(cfg, float_norm_keys(self.model),
+                                                                         self.data.num_classes)
 
     def train(self, ctx: RoundContext, tasks: list[ClientTask]) -> RoundOutput:
         """Run the tasks one after another; a client that raises is reported as a failure, not fatal."""

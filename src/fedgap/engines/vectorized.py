@@ -26,12 +26,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedgap import seeding
 from fedgap.engines.base import Engine, RoundOutput
 from fedgap.engines.cohort_model import CohortModel, StepRows
-from fedgap.engines.cohort_optim import CohortObjective, CohortOptimizer
+from fedgap.engines.cohort_optim import CohortOptimizer
 from fedgap.engines.results import failure_from_exception
 from fedgap.fl.augment import affine_theta, apply_affine
 from fedgap.fl.client import (
@@ -39,10 +38,14 @@ from fedgap.fl.client import (
     ClientResult,
     ClientTask,
     RoundContext,
+    client_objective,
     epoch_orders,
+    label_counts,
+    own_states,
     raise_if_injected,
     start_state,
 )
+from fedgap.fl.objectives import ClientSetup
 from fedgap.models import build_model
 from fedgap.runtime import tune_allocator
 
@@ -112,8 +115,14 @@ def train_cohort(cm: CohortModel, x: torch.Tensor, y: torch.Tensor, ctx: RoundCo
     starts = [start_state(ctx, t, hp) for t in tasks]
     stacked = {k: torch.stack([s[k] for s in starts]).to(device) for k in cm.state_names}
     params = {k: stacked[k] for k in cm.param_names}
-    optimizer = CohortOptimizer(params, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)
-    objective = _objective(cm, ctx, tasks, hp, params, device)
+    optimizer = CohortOptimizer(params, hp.optimizer, hp.lr * ctx.lr_scale, hp.momentum, hp.weight_decay)
+    objective = client_objective(hp)  # the same objective code as local_update, over [K, ...]
+    owns = own_states(objective, ctx, tasks, cm.param_names)
+    objective.begin(ClientSetup(
+        params, {k: ctx.global_state[k].to(device) for k in cm.param_names},
+        {k: v.to(device) for k, v in ctx.payload.items()},
+        {k: torch.stack([o[k] for o in owns]).to(device) for k in owns[0]},
+        label_counts(y.cpu(), tasks, hp).to(device)))
     seeds = [(ctx.round, t.client_id) for t in tasks]
     aug_gens = [torch.Generator().manual_seed(seeding.torch_seed(hp.seed, seeding.CLIENT, *s)) for s in seeds]
     drop_gens = [torch.Generator().manual_seed(seeding.torch_seed(hp.seed, seeding.TORCH, *s)) for s in seeds]
@@ -146,27 +155,23 @@ def train_cohort(cm: CohortModel, x: torch.Tensor, y: torch.Tensor, ctx: RoundCo
         leaves = {k: p[:a].detach().requires_grad_(True) for k, p in params.items()}
         tensors = {**{k: v[:a] for k, v in stacked.items()}, **leaves}
         logits = cm.forward(tensors, xb, step)  # [A, B, classes]
-        ce = F.cross_entropy(logits.reshape(a * b, -1), yb.reshape(-1), reduction="none").view(a, b)
-        n_real = torch.tensor(counts, dtype=ce.dtype, device=device)
-        loss = ce.mean(1) if mask is None else (ce * mask.to(ce.dtype)).sum(1) / n_real
+        per_sample = objective.loss(logits, yb)  # [A, B]
+        n_real = torch.tensor(counts, dtype=per_sample.dtype, device=device)
+        loss = per_sample.mean(1) if mask is None else (per_sample * mask.to(per_sample.dtype)).sum(1) / n_real
         grads = dict(zip(leaves, torch.autograd.grad(loss.sum(), list(leaves.values())), strict=True))
-        objective.correct(grads, a)
+        objective.correct(grads)
         optimizer.step(grads, a)
         loss_sum[:a] += loss.detach() * n_real
 
+    outcome = objective.end(torch.tensor(steps, device=device))
     seconds = (time.perf_counter() - t0) / max(k_all, 1)  # the cohort's time, shared out
     results = []
     for k, task in enumerate(tasks):
         n = len(task.indices)
         final = {name: stacked[name][k].detach().clone().cpu() for name in cm.state_names}
-        own = {}
-        if hp.objective == "scaffold":
-            new_c = {name: (objective.grad_sum[name][k] / max(steps[k], 1)).cpu() for name in cm.param_names}
-            old_c = task.own.get("objective") or {name: torch.zeros_like(v) for name, v in new_c.items()}
-            own["objective"] = new_c
-            upload = {name: new_c[name] - old_c[name] for name in new_c}
-        else:
-            upload = {}
+        new_own, upload = outcome.client(k)
+        upload = {name: v.to("cpu", copy=True) for name, v in upload.items()}  # copies: not views of the stack
+        own = {"objective": {name: v.to("cpu", copy=True) for name, v in new_own.items()}} if new_own else {}
         if hp.norm_policy == "local" and hp.norm_keys:
             own["norm"] = {name: final[name] for name in hp.norm_keys if name in final}
         samples = n * hp.epochs
@@ -175,14 +180,3 @@ def train_cohort(cm: CohortModel, x: torch.Tensor, y: torch.Tensor, ctx: RoundCo
             samples=samples, steps=steps[k], own=own, upload=upload, seconds=seconds,
         ))
     return results
-
-
-def _objective(cm: CohortModel, ctx: RoundContext, tasks: list[ClientTask], hp: ClientHParams,
-               params: dict[str, torch.Tensor], device: torch.device) -> CohortObjective:
-    anchor = {k: ctx.global_state[k].to(device) for k in cm.param_names}  # FedProx: w_global, as local_update
-    correction = None
-    if hp.objective == "scaffold":
-        c = ctx.payload
-        c_i = [t.own.get("objective") or {k: torch.zeros_like(v) for k, v in c.items()} for t in tasks]
-        correction = {k: torch.stack([c[k] - ci[k] for ci in c_i]).to(device) for k in cm.param_names}
-    return CohortObjective(hp.objective, hp.mu, params, anchor, correction)

@@ -3,8 +3,11 @@
 
 A client starts from the global state (under the ``local`` norm policy, with its own norm layers swapped in),
 trains ``client.epochs`` passes over its data in minibatches drawn from a generator seeded by
-(seed, round, client), corrects each gradient as its objective says (FedProx, SCAFFOLD), steps its optimizer
-(created fresh each round: client optimizer state is not carried across rounds), and returns its final state.
+(seed, round, client), with the loss its objective computes from the logits (the loss hook: logit adjustment,
+FedLC, FedRS) and each gradient corrected as its objective says (FedProx, SCAFFOLD, FedDyn), steps its
+optimizer (created fresh each round: client optimizer state is not carried across rounds), and returns its final
+state. The objective runs the client as a cohort of one (tensors [1, ...]): the vectorized engine runs the same
+objective code over [K, ...] (``fedgap.fl.objectives.base``).
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedgap import seeding
 from fedgap.fl.augment import random_affine
-from fedgap.fl.objectives import ClientSetup, make_objective
+from fedgap.fl.objectives import OBJECTIVES, ClientSetup, Objective, make_objective
 from fedgap.fl.state import State
 
 
@@ -37,19 +39,21 @@ class ClientHParams:
     augment_shift: int = 2
     augment_rotate: float = 10.0
     objective: str = "local"
-    mu: float = 0.0
+    objective_params: object = None  # the objective's Params (pydantic model); None: its defaults
+    num_classes: int = 10
     norm_policy: str = "average"
     norm_keys: frozenset[str] = frozenset()
     channels_last: bool = False
     fail_clients: frozenset[int] = frozenset()
 
     @classmethod
-    def from_config(cls, cfg, norm_keys=frozenset()) -> ClientHParams:
+    def from_config(cls, cfg, norm_keys=frozenset(), num_classes: int = 10) -> ClientHParams:
         c = cfg.client
         return cls(
             seed=cfg.seed, optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
             epochs=c.epochs, batch_size=c.batch_size, augment=c.augment, augment_shift=c.augment_shift,
-            augment_rotate=c.augment_rotate, objective=c.objective, mu=cfg.server.mu,
+            augment_rotate=c.augment_rotate, objective=c.objective,
+            objective_params=OBJECTIVES[c.objective].params_from(cfg), num_classes=num_classes,
             norm_policy=cfg.model.norm_policy, norm_keys=frozenset(norm_keys),
             channels_last=cfg.engine.channels_last, fail_clients=frozenset(cfg.engine.fail_clients),
         )
@@ -62,6 +66,7 @@ class RoundContext:
     round: int
     global_state: State
     payload: State = field(default_factory=dict)  # the objective's round payload (SCAFFOLD: c)
+    lr_scale: float = 1.0  # this round's client lr is client.lr * lr_scale (client.lr_decay)
 
 
 @dataclass
@@ -118,18 +123,35 @@ def load_state(model: torch.nn.Module, state: State) -> None:
             target.copy_(state[key])
 
 
-def make_optimizer(params, hp: ClientHParams) -> torch.optim.Optimizer:
+def client_objective(hp: ClientHParams) -> Objective:
+    return make_objective(hp.objective, hp.objective_params)
+
+
+def label_counts(y: torch.Tensor, tasks: list[ClientTask], hp: ClientHParams) -> torch.Tensor:
+    """[K, num_classes]: each task's training samples per class (what label-skew objectives calibrate with)."""
+    return torch.stack([torch.bincount(y[torch.from_numpy(np.asarray(t.indices, dtype=np.int64))],
+                                       minlength=hp.num_classes) for t in tasks])
+
+
+def own_states(objective: Objective, ctx: RoundContext, tasks: list[ClientTask], param_names) -> list[State]:
+    """Each task's persistent objective state, or the objective's initial one for a client new to it."""
+    start = {k: ctx.global_state[k] for k in param_names}
+    return [t.own.get("objective") or objective.client_init(start) for t in tasks]
+
+
+def make_optimizer(params, hp: ClientHParams, lr: float | None = None) -> torch.optim.Optimizer:
     # SGD and Adam add weight decay to the gradient (coupled, L2); AdamW decays the weights directly
     # (decoupled, Loshchilov & Hutter 2019). foreach=True: one multi-tensor kernel per update step instead of a
     # Python loop over parameters (torch picks it only for GPU tensors by default); the same element-wise
     # operations, so bit for bit the same numbers (tests/test_algorithms.py compares with plain torch SGD),
     # and about 0.7 ms less per step on CPU (a tenth of a batch-32 step of mobilenet-like).
+    lr = hp.lr if lr is None else lr
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay, foreach=True)
     if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, foreach=True)
+        return torch.optim.Adam(params, lr=lr, weight_decay=hp.weight_decay, foreach=True)
     if hp.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay, foreach=True)
     raise ValueError(f"client.optimizer: unknown optimizer {hp.optimizer!r}")
 
 
@@ -146,9 +168,12 @@ def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: 
     load_state(model, start_state(ctx, task, hp))
     model.train()
     params = dict(model.named_parameters())
-    objective = make_objective(hp.objective, hp.mu)
-    objective.begin(ClientSetup(params, ctx.global_state, ctx.payload, task.own.get("objective", {})))
-    optimizer = make_optimizer(params.values(), hp)
+    objective = client_objective(hp)
+    own = own_states(objective, ctx, [task], params)[0]
+    objective.begin(ClientSetup({k: p.detach()[None] for k, p in params.items()}, ctx.global_state, ctx.payload,
+                                {k: v[None] for k, v in own.items()}, label_counts(y, [task], hp)))
+    corrects = type(objective).correct is not Objective.correct
+    optimizer = make_optimizer(params.values(), hp, hp.lr * ctx.lr_scale)
     # Dropout draws from the CPU default generator. torch.manual_seed would also queue lazy seeding of every
     # accelerator backend, recording a Python stack trace for each (2 ms per client, measured); same CPU state.
     torch.default_generator.manual_seed(seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))
@@ -167,23 +192,24 @@ def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: 
                 xb = random_affine(xb, aug_gen, hp.augment_shift, hp.augment_rotate)
             if hp.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = objective.loss(model(xb)[None], yb[None]).mean()
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            objective.correct()
+            if corrects:
+                objective.correct({k: p.grad[None] for k, p in params.items() if p.grad is not None})
             optimizer.step()
             loss_sum += loss.detach() * len(batch)
             steps += 1
 
-    outcome = objective.end(steps)
+    new_own, upload = objective.end(torch.tensor([steps])).client(0)
     final = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     own: dict[str, State] = {}
-    if outcome.own:
-        own["objective"] = outcome.own
+    if new_own:
+        own["objective"] = new_own
     if hp.norm_policy == "local" and hp.norm_keys:
         own["norm"] = {k: final[k] for k in hp.norm_keys if k in final}
     samples = n * hp.epochs
     return ClientResult(
         client_id=task.client_id, num_samples=n, state=final, train_loss=float(loss_sum) / max(samples, 1),
-        samples=samples, steps=steps, own=own, upload=outcome.upload, seconds=time.perf_counter() - t0,
+        samples=samples, steps=steps, own=own, upload=upload, seconds=time.perf_counter() - t0,
     )

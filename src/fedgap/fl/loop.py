@@ -37,11 +37,10 @@ from fedgap.data.partition import partition_for
 from fedgap.engines import Engine, RoundOutput, engine_class
 from fedgap.errors import FedgapError
 from fedgap.fl import outputs
-from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext
+from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
 from fedgap.fl.evaluate import EvalResult, evaluate, label_matched_subset
 from fedgap.fl.normpolicy import recalibrate
-from fedgap.fl.objectives import make_objective
-from fedgap.fl.server import make_server_optimizer
+from fedgap.fl.server import make_server_optimizer, server_lr
 from fedgap.fl.state import State, clone, weighted_mean
 from fedgap.models import build_model
 from fedgap.models.norm import batchnorm_modules, float_norm_keys
@@ -118,8 +117,8 @@ class Experiment:
         # global model's evaluation and are their clients' weighted mean, like the running statistics.
         local_norm = cfg.model.norm_policy == "local"
         self.server_keys = [k for k in self.param_keys if not (local_norm and k in self.norm_keys)]
-        self.hp = ClientHParams.from_config(cfg, self.norm_keys)
-        self.objective = make_objective(cfg.client.objective, cfg.server.mu)
+        self.hp = ClientHParams.from_config(cfg, self.norm_keys, self.data.num_classes)
+        self.objective = client_objective(self.hp)
         self.server_opt = make_server_optimizer(cfg.server)
 
         # The complete server state: everything a checkpoint must hold.
@@ -181,7 +180,8 @@ class Experiment:
         r = self.round + 1
         sampled = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.server.clients_per_round)
         tasks = [ClientTask(int(c), self.parts[c], self.client_store.get(int(c), {})) for c in sampled]
-        ctx = RoundContext(r, self.state, self.objective.payload(self.objective_state))
+        ctx = RoundContext(r, self.state, self.objective.payload(self.objective_state),
+                           lr_scale=cfg.client.lr_decay ** (r - 1))
         t_train = time.perf_counter()
         output = self.engine.train(ctx, tasks)
         train_seconds = time.perf_counter() - t_train
@@ -238,15 +238,17 @@ class Experiment:
         mean = weighted_mean([res.state for res in results], weights, keep_float64=True)
         params = {k: self.state[k].double() for k in self.server_keys}
         delta = {k: mean[k] - params[k] for k in self.server_keys}
+        self.server_opt.lr = server_lr(self.cfg.server, self.round + 1)
         new_params, self.server_state = self.server_opt.step(params, delta, self.server_state)
+        uploads = [res.upload for res in results if res.upload]
+        self.objective_state = self.objective.server_update(self.objective_state, uploads,
+                                                            self.cfg.data.num_clients)
+        new_params = self.objective.server_model(new_params, self.objective_state)  # FedDyn: - h / alpha
         new_state = dict(self.state)
         for k, v in mean.items():  # floating buffers (and FedBN's norm layers): the weighted client mean
             new_state[k] = v.to(self.state[k].dtype)
         for k, v in new_params.items():  # parameters: the server optimizer's step
             new_state[k] = v.to(self.state[k].dtype)
-        uploads = [res.upload for res in results if res.upload]
-        self.objective_state = self.objective.server_update(self.objective_state, uploads,
-                                                            self.cfg.data.num_clients)
         for res in results:
             if res.own:
                 self.client_store.setdefault(res.client_id, {}).update(res.own)

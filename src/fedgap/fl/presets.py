@@ -30,14 +30,3 @@ PRESETS: dict[str, Preset] = {
     "fedyogi": Preset(server_optimizer="yogi", citation="Reddi et al. 2021, Adaptive Federated Optimization"),
     "fedadagrad": Preset(server_optimizer="adagrad", citation="Reddi et al. 2021, Adaptive Federated Optimization"),
 }
-
-# Server learning-rate defaults per optimizer. SGD with lr 1 is plain FedAvg (the new model is the weighted
-# mean of the client models). The adaptive optimizers take steps of about lr per coordinate, so their lr is
-# on the scale of a weight change per round; 10^-2 is in the range Reddi et al. found best for CNNs.
-SERVER_DEFAULTS: dict[str, dict[str, float]] = {
-    "sgd": {"lr": 1.0, "momentum": 0.0},
-    "momentum": {"lr": 1.0, "momentum": 0.9},
-    "adam": {"lr": 0.01},
-    "yogi": {"lr": 0.01},
-    "adagrad": {"lr": 0.01},
-}

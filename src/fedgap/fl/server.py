@@ -18,6 +18,7 @@ adaptive step on them would make no sense.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
@@ -28,6 +29,11 @@ from fedgap.fl.state import State
 
 class ServerOptimizer:
     name = "sgd"
+    # Defaults of server.lr / server.momentum. SGD with lr 1 is plain FedAvg (the new model is the weighted mean
+    # of the client models). The adaptive optimizers take steps of about lr per coordinate, so their lr is on
+    # the scale of a weight change per round; 10^-2 is in the range Reddi et al. found best for CNNs.
+    default_lr = 1.0
+    default_momentum = 0.0
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.0, beta1: float = 0.9, beta2: float = 0.99,
                  tau: float = 1e-3):
@@ -44,6 +50,7 @@ class ServerOptimizer:
 
 class MomentumServer(ServerOptimizer):
     name = "momentum"
+    default_momentum = 0.9
 
     def init(self, params):
         return {f"v.{k}": torch.zeros_like(p) for k, p in params.items()}
@@ -54,6 +61,8 @@ class MomentumServer(ServerOptimizer):
 
 
 class _AdaptiveServer(ServerOptimizer, ABC):
+    default_lr = 0.01
+
     def init(self, params):
         state = {f"m.{k}": torch.zeros_like(p) for k, p in params.items()}
         state.update({f"v.{k}": torch.full_like(p, self.tau**2) for k, p in params.items()})
@@ -103,6 +112,13 @@ SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
     "yogi": YogiServer,
     "adagrad": AdagradServer,
 }
+
+
+def server_lr(server_cfg, round_: int) -> float:
+    """The server lr of round ``round_`` (1-based): server.lr, or its cosine decay to 0 after server.rounds."""
+    if server_cfg.lr_schedule == "cosine":
+        return server_cfg.lr * 0.5 * (1 + math.cos(math.pi * (round_ - 1) / server_cfg.rounds))
+    return server_cfg.lr
 
 
 def make_server_optimizer(server_cfg) -> ServerOptimizer:
