@@ -40,25 +40,38 @@ def test_each_remedy_changes_only_its_own_keys():
     preset = V.PRESETS["full"]
     tree = V.base_tree(preset, None, [])
     naive = V.config_from_dict(tree)
-    singles, skipped = V.single_variants(naive, tree, preset)
-    assert [v.key for v in singles] == [r.key for r in V.REMEDIES] and not skipped
+    searches, skipped = V.searches(naive, tree, preset)
+    assert [s.remedy.key for s in searches] == [r.key for r in V.REMEDIES] and not skipped
     base = flat(naive)
-    for v in singles:
-        changed = {k for k, val in flat(v.cfg).items() if base[k] != val}
-        wanted = {o.split("=")[0] for o in v.overrides}
-        # a preset key may resolve along (nothing else may move)
-        assert changed and changed <= wanted, (v.key, changed, wanted)
+    for s in searches:
+        for point in s.grid:
+            changed = {k for k, val in flat(s.candidate(tree, point)).items() if base[k] != val}
+            wanted = {o.split("=")[0] for o in s.overrides + point}
+            # a preset key may resolve along (nothing else may move)
+            assert changed <= wanted, (s.remedy.key, changed, wanted)
+        assert len(s.grid) == len({tuple(p) for p in s.grid}) >= 1
+
+
+def test_every_remedy_is_tuned_over_its_own_values_and_the_full_preset_adds_the_client_lr():
+    tree = V.base_tree(V.PRESETS["full"], None, [])
+    naive = V.config_from_dict(tree)
+    full = {s.remedy.key: s for s in V.searches(naive, tree, V.PRESETS["full"])[0]}
+    quick = {s.remedy.key: s for s in V.searches(naive, tree, V.PRESETS["quick"])[0]}
+    assert all(any(k.key == "client.lr" for k in s.space) for s in full.values())
+    assert len(full["logit_adjust"].grid) == 9 and len(quick["logit_adjust"].grid) == 3
+    assert len(full["tuned"].grid) == 6 and not any("client.lr" in p for p in quick["fedbn"].grid[0])
+    # FedAvgM keeps the effective step in range: server lr 0.1 with momentum 0.9 is FedAvg's step (Hsu et al.)
+    assert "server.lr=0.1" in {p[0] for p in full["fedavgm"].grid}
 
 
 def test_batchnorm_remedies_are_skipped_without_batchnorm_and_user_settings_win():
     preset = V.PRESETS["quick"]
-    tree = V.base_tree(preset, None, ["model.norm=group", "server.rounds=7"])
+    tree = V.base_tree(preset, None, ["model.norm=group", "server.rounds=7", "data.validation=0.2"])
     naive = V.config_from_dict(tree)
-    assert naive.server.rounds == 7 and naive.eval.every == preset.eval_every
-    singles, skipped = V.single_variants(naive, tree, preset)
-    keys = {v.key for v in singles}
-    assert "fedbn" not in keys and "recalibrate" not in keys and "groupnorm" not in keys
-    assert any("no BatchNorm" in s for s in skipped) and any("already part of" in s for s in skipped)
+    assert naive.server.rounds == 7 and naive.eval.every == preset.eval_every and naive.data.validation == 0.2
+    searches, skipped = V.searches(naive, tree, preset)
+    keys = {s.remedy.key for s in searches}
+    assert "fedbn" not in keys and any("no BatchNorm" in s for s in skipped)
 
 
 def test_central_baseline_is_one_client_with_the_same_model_and_optimizer():
@@ -71,13 +84,73 @@ def test_central_baseline_is_one_client_with_the_same_model_and_optimizer():
     assert (central.client.lr, central.client.optimizer, central.model.name) == (0.02, "sgd", naive.model.name)
 
 
-def test_combination_takes_the_winners_overrides_once():
+def test_a_combination_keeps_each_remedys_tuned_values_and_the_earlier_one_wins_a_shared_key():
     tree = V.base_tree(V.PRESETS["quick"], None, [])
+    la = V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None,
+                   ("client.objective=logit_adjust", "objective.logit_adjust.tau=2.0", "client.lr=0.1"))
+    bn = V.Variant("fedbn", "FedBN", V.NORMALIZATION, None, ("model.norm_policy=local", "client.lr=0.02"))
+    combo = V.combined(tree, [la, bn])
+    assert combo.cfg.model.norm_policy == "local" and combo.cfg.client.objective == "logit_adjust"
+    assert combo.cfg.objective.logit_adjust.tau == 2.0 and combo.cfg.client.lr == 0.1
+    assert combo.key == "logit_adjust+fedbn" and combo.cause == "combined"
+
+
+# ----------------------------------------------------------------------------------------- tuning
+def fake_runs(score_of):
+    """A stand-in for the pool: each run's validation curve is flat at ``score_of(cfg)``."""
+    calls = []
+
+    def run_all(specs, out, **kwargs):
+        calls.append([(s.name, s.cfg.server.rounds) for s in specs])
+        recs = []
+        for s in specs:
+            rows = [{"round": r, "val_accuracy": score_of(s.cfg), "test_accuracy": 0.5, "samples": 10}
+                    for r in range(1, s.cfg.server.rounds + 1)]
+            recs.append(RunRecord(s, None, {"rounds_completed": s.cfg.server.rounds, "final_test_accuracy": 0.5,
+                                            "best_test_accuracy": 0.5, "wall_seconds": 1.0}, rows))
+        return recs
+
+    return run_all, calls
+
+
+def test_successive_halving_keeps_the_best_third_by_validation_and_extends_it(monkeypatch, tmp_path):
+    from fedgap.diagnose import tuning
+
+    tree = V.base_tree(V.PRESETS["full"], None, [])
     naive = V.config_from_dict(tree)
-    singles = {v.key: v for v in V.single_variants(naive, tree, V.PRESETS["full"])[0]}
-    combo = V.combination(tree, [singles["fedbn"], singles["fedadam"]])
-    assert combo.cfg.model.norm_policy == "local" and combo.cfg.server.optimizer == "adam"
-    assert V.combination(tree, [singles["fedbn"]]) is None
+    search = next(s for s in V.searches(naive, tree, V.PRESETS["full"])[0] if s.remedy.key == "logit_adjust")
+    # validation peaks at tau 1.0, lr 0.05; grid order: tau-major
+    run_all, calls = fake_runs(lambda c: 0.9 - abs(c.objective.logit_adjust.tau - 1.0) / 10 - abs(c.client.lr - 0.05))
+    monkeypatch.setattr(tuning, "run_all", run_all)
+    res = tuning.successive_halving([search], tree, (25, 75, 200), 3, tmp_path, rounds=200, jobs=1,
+                                    show_progress=False, title="t")["logit_adjust"]
+    assert [len(c) for c in calls] == [9, 3, 1] and [c[0][1] for c in calls] == [25, 75, 200]
+    assert res.best.point == ("objective.logit_adjust.tau=1.0", "client.lr=0.05")
+    assert res.rounds_trained == 9 * 25 + 3 * 50 + 125 == tuning.budget_rounds([search], (25, 75, 200), 3, 200)
+
+
+def test_forward_selection_adds_a_cause_only_while_validation_rises(monkeypatch, tmp_path):
+    from fedgap.diagnose import doctor
+
+    tree = V.base_tree(V.PRESETS["quick"], None, [])
+    singles = [V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None, ("client.objective=logit_adjust",)),
+               V.Variant("fedbn", "FedBN", V.NORMALIZATION, None, ("model.norm_policy=local",)),
+               V.Variant("fedadam", "FedAdam", V.SERVER, None, ("server.optimizer=adam",))]
+    for v in singles:
+        v.cfg = V.with_overrides(tree, v.overrides)
+    scores = {"logit_adjust": 0.90, "fedbn": 0.85, "fedadam": 0.80}
+
+    def score(cfg):  # FedBN adds 2 pp to logit adjustment; FedAdam costs 1 pp whatever it joins
+        return 0.90 + 0.02 * (cfg.model.norm_policy == "local") - 0.01 * (cfg.server.optimizer == "adam")
+
+    run_all, calls = fake_runs(score)
+    monkeypatch.setattr(doctor, "run_all", run_all)
+    records = {}
+    tried, notes = doctor._forward_selection(tree, singles, scores, V.PRESETS["quick"], tmp_path, 1, False, records)
+    assert [[name for name, _ in c] for c in calls] == [["logit_adjust+fedbn-s0", "logit_adjust+fedadam-s0"],
+                                                       ["logit_adjust+fedbn+fedadam-s0"]]
+    assert scores["logit_adjust+fedbn"] == pytest.approx(0.92) and "stopped" in notes[0]
+    assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
 
 
 # ----------------------------------------------------------------------------------------- gap arithmetic
@@ -172,8 +245,7 @@ def test_doctor_writes_table_report_and_summary(doctored):
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:4] == GAP_COLUMNS
     keys = {r["variant"] for r in rows}
-    assert {"central", "naive", "groupnorm", "fedbn", "recalibrate", "fedprox", "scaffold", "fedavgm", "fedadam",
-            "adamw", "augment"} <= keys
+    assert {"central", "naive", *V.PRESETS["quick"].remedies} <= keys
     central = next(r for r in rows if r["variant"] == "central")
     assert float(central["gap_pp"]) == 0.0
     for r in rows:  # every gap is the centralized accuracy minus the variant's, as printed
@@ -184,11 +256,48 @@ def test_doctor_writes_table_report_and_summary(doctored):
     assert {v["variant"] for v in summary["variants"]} == keys
     assert summary["naive_diagnostics"]["bn_divergence"] and summary["diagnosis"]
     md = (out / "gap.md").read_text()
-    assert "| # | variant | final accuracy |" in md and md.count("\n| ") == len(rows) + 1
+    assert "| # | variant | validation | test accuracy |" in md and md.count("\n| ") == len(rows) + 1
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page  # self-contained, works offline
-    assert "The gap" in page and "This run leaves out" in page
+    assert "The gap" in page and "This run leaves out" in page and "recommended.yaml" in page
+    # the recommendation: the highest validation accuracy, written as a config `fedgap run` takes as it is
+    best = max((r for r in rows if r["variant"] != "central" and r["final_val_accuracy"]),
+               key=lambda r: float(r["final_val_accuracy"]))
+    assert summary["recommended"]["variant"] == best["variant"]
+    rec = load_config(out / "recommended.yaml")
+    assert rec.data.validation == 0.1 and rec.server.rounds == 2
+    assert all(f"{k}" in (out / "recommended.yaml").read_text() for k in ("changes against your setting",))
+
+
+def test_the_recommendation_never_reads_test_labels(doctored, tiny_idx, tmp_path):
+    """The same doctor with the test labels replaced by noise recommends the same configuration, byte for
+    byte (but the comment lines, which report test numbers)."""
+    import shutil
+
+    import numpy as np
+
+    from conftest import idx_bytes
+
+    out, _ = doctored
+    noisy = tmp_path / "noisy"
+    shutil.copytree(tiny_idx, noisy)
+    labels = np.random.default_rng(7).integers(0, 10, 200).astype("uint8")
+    (noisy / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    args = tiny_args(str(noisy))
+    done = subprocess.run([sys.executable, "-m", "fedgap", "doctor", *args, "--out", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def config_lines(path):
+        return [ln for ln in path.read_text().splitlines() if not ln.startswith("#") and "root" not in ln]
+
+    assert config_lines(tmp_path / "d" / "recommended.yaml") == config_lines(out / "recommended.yaml")
+    first = json.loads((out / "summary.json").read_text())
+    second = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert first["tuning"] == second["tuning"]  # every candidate's validation scores, unchanged
+    assert [v["final_test_accuracy"] for v in first["variants"]] != [v["final_test_accuracy"]
+                                                                       for v in second["variants"]]
 
 
 def test_a_second_doctor_reuses_every_run(doctored, tiny_idx):
@@ -207,7 +316,8 @@ def test_a_second_doctor_reuses_every_run(doctored, tiny_idx):
 
 def test_killed_doctor_resumes_without_redoing_finished_runs(tiny_idx, tmp_path):
     out = tmp_path / "d"
-    args = [sys.executable, "-m", "fedgap", "doctor", *tiny_args(tiny_idx), "server.rounds=4", "--out", str(out)]
+    args = [sys.executable, "-m", "fedgap", "doctor", *tiny_args(tiny_idx), "server.rounds=4", "--out", str(out),
+            "--remedies", "fedbn,fedrs"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
@@ -229,9 +339,13 @@ def test_killed_doctor_resumes_without_redoing_finished_runs(tiny_idx, tmp_path)
     assert (out / "report.html").exists()
 
 
-def test_doctor_rejects_a_central_partition(capsys):
+def test_doctor_rejects_a_central_partition_no_validation_and_unknown_remedies(capsys):
     code, _, err = cli("doctor", "data.partition=central", "--out", "/tmp/never", capsys=capsys)
     assert code == 2 and "data.partition" in err and "Traceback" not in err
+    code, _, err = cli("doctor", "data.validation=0", "--out", "/tmp/never", capsys=capsys)
+    assert code == 2 and "data.validation: the doctor chooses" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("doctor", "--remedies", "fedbn,magic", "--out", "/tmp/never", capsys=capsys)
+    assert code == 2 and "--remedies: unknown magic" in err
 
 
 def _flood(q, n):
@@ -257,26 +371,3 @@ def test_progress_is_drained_without_a_display_so_workers_can_exit():
     if worker.exitcode is None:
         worker.kill()
     assert worker.exitcode == 0
-
-
-def _gap_row(variant, cause, acc):
-    return GapRow(variant, variant, cause, 1, acc, None, acc, None, None, None, None, None, 1, 150, 1.0, "")
-
-
-def test_winners_are_the_two_best_cause_groups_best_gain_however_small():
-    """Measured full run: SCAFFOLD +0.64 pp and recalibration +0.17 pp beat naive, FedYogi did not: the
-    combination joins the first two (best first), and a group without any gain contributes nothing."""
-    from fedgap.diagnose.doctor import _winners
-
-    tree = V.base_tree(V.PRESETS["full"], None, [])
-    naive = V.config_from_dict(tree)
-    singles = V.single_variants(naive, tree, V.PRESETS["full"])[0]
-    rows = [_gap_row("naive", "", 0.9697), _gap_row("recalibrate", V.NORMALIZATION, 0.9714),
-            _gap_row("fedbn", V.NORMALIZATION, 0.9698), _gap_row("scaffold", V.DRIFT, 0.9761),
-            _gap_row("fedprox", V.DRIFT, 0.9723), _gap_row("fedyogi", V.SERVER, 0.9684)]
-    assert [v.key for v in _winners(rows, singles)] == ["scaffold", "recalibrate"]
-    # alpha 0.1, full: four groups gained; only the two that gained most are joined
-    rows = [_gap_row("naive", "", 0.9164), _gap_row("fedbn", V.NORMALIZATION, 0.9461),
-            _gap_row("fedyogi", V.SERVER, 0.9356), _gap_row("adamw", V.REGULARIZATION, 0.9233),
-            _gap_row("fedprox", V.DRIFT, 0.9186)]
-    assert [v.key for v in _winners(rows, singles)] == ["fedbn", "fedyogi"]

@@ -53,6 +53,9 @@ class DataConfig(_Section):
     num_clients: int = Field(100, ge=1, description="clients the training set is split over (central: 1)")
     shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards per client")
     min_samples: int = Field(10, ge=0, description="minimum training samples per client (dirichlet, quantity)")
+    validation: float = Field(0.0, ge=0, lt=0.5, description=(
+        "share of every class of the training set held out before partitioning, for selection (val_accuracy); "
+        "the doctor sets 0.1"))
 
 
 class ModelConfig(_Section):
@@ -252,11 +255,11 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -286,7 +289,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then the overrides; validated and resolved."""
     tree: dict[str, Any] = read_yaml(path) if path else {}
-    tree = _merge(tree, parse_overrides(overrides))
+    tree = merge(tree, parse_overrides(overrides))
     return config_from_dict(tree)
 
 

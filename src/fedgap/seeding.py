@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PARTITION, SAMPLING, CLIENT, INIT, TORCH, PERSONAL_TEST = range(1, 7)
+PARTITION, SAMPLING, CLIENT, INIT, TORCH, PERSONAL_TEST, VALIDATION = range(1, 8)
 
 
 def rng(seed: int, purpose: int, *keys: int) -> np.random.Generator:

@@ -48,10 +48,32 @@ def partition(labels: np.ndarray, scheme: str, num_clients: int, *, seed: int, a
 
 
 def partition_for(data_cfg, labels: np.ndarray, seed: int) -> list[np.ndarray]:
-    """The partition that a config's ``data`` section asks for (every command and the loop go through here)."""
+    """The partition that a config's ``data`` section asks for (every command and the loop go through here).
+    Rows held out for validation (``data.validation``) belong to no client."""
     d = data_cfg
-    return partition(labels, d.partition, d.num_clients, seed=seed, alpha=d.alpha,
-                     shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+    keep = training_rows(d, labels, seed)
+    parts = partition(labels[keep], d.partition, d.num_clients, seed=seed, alpha=d.alpha,
+                      shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+    return parts if len(keep) == len(labels) else [keep[p] for p in parts]
+
+
+def validation_rows(data_cfg, labels: np.ndarray, seed: int) -> np.ndarray:
+    """The training-set rows held out for selection: ``data.validation`` of every class (stratified), drawn
+    with the seed, before any partitioning, so no client ever trains on them. Sorted; empty if 0."""
+    share = getattr(data_cfg, "validation", 0.0) or 0.0
+    if share <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = seeding.rng(seed, seeding.VALIDATION)
+    held = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        held.append(rng.permutation(rows)[: int(round(share * len(rows)))])
+    return np.sort(np.concatenate(held)).astype(np.int64)
+
+
+def training_rows(data_cfg, labels: np.ndarray, seed: int) -> np.ndarray:
+    """The training-set rows the clients share: all but the validation rows."""
+    return np.setdiff1d(np.arange(len(labels)), validation_rows(data_cfg, labels, seed)).astype(np.int64)
 
 
 def _redraw(draw, min_samples: int, key: str) -> list[np.ndarray]:

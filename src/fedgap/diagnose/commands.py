@@ -24,7 +24,15 @@ def _command(name: str, args, **flags) -> str:
     return shlex.join(parts)
 
 
-@click.command(epilog=EPILOG)
+def _remedies_help() -> str:
+    from fedgap.diagnose.variants import PRESETS, REMEDIES
+
+    quick = set(PRESETS["quick"].remedies)
+    return "Remedies (* = in the quick preset): " + ", ".join(
+        f"{r.label}{'*' if r.key in quick else ''}" for r in REMEDIES) + ". " + EPILOG
+
+
+@click.command(epilog=_remedies_help())
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [OVERRIDES]...")
 @click.option("--preset", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
               help="quick: about 10 minutes on 2 cores, some variants and rounds cut; full: everything to convergence.")
@@ -36,27 +44,35 @@ def _command(name: str, args, **flags) -> str:
               help="Runs at once (default: one per core; 1 for the parallel and ray engines).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Accuracy for 'rounds to target' (default: the naive run's final accuracy).")
+@click.option("--remedies", default=None, metavar="KEY,KEY",
+              help="Only these remedies (keys as in gap.csv, e.g. fedbn,logit_adjust); default: the preset's.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def doctor(args, preset, seeds, out, jobs, target, quiet):
-    """Measure the federated-centralized gap of your setting, explain it and rank the remedies.
+def doctor(args, preset, seeds, out, jobs, target, remedies, quiet):
+    """Measure the federated-centralized gap of your setting, explain it, and find the configuration that
+    closes it.
 
-    Runs the centralized baseline, the naive federated run (your setting as given) and each remedy changed
-    one at a time (GroupNorm, LayerNorm, FedBN, BN recalibration, FedProx, SCAFFOLD, FedAvgM, FedAdam,
-    FedYogi, AdamW, augmentation), then the best combination; writes report.html, gap.csv and summary.json.
-    Runs are cached in OUT/runs by config hash: an interrupted doctor resumes, a repeated one reuses them.
+    Runs the centralized baseline and the naive federated run (your setting as given), tunes every remedy on
+    a validation split (data.validation) by successive halving, searches the combination by greedy forward
+    selection and writes the winner as OUT/recommended.yaml, plus report.html, gap.csv and summary.json.
+    Nothing is chosen on test accuracy. Runs are cached in OUT/runs by config hash: an interrupted doctor
+    resumes, a repeated one reuses them.
     """
     from fedgap.cli import err_console, out_console, split_config_args
     from fedgap.diagnose.doctor import run_doctor
 
     path, overrides = split_config_args(args)
     command = _command("doctor", args, preset=preset, seeds=seeds if seeds != 1 else None, out=out,
-                       target=target)
+                       target=target, remedies=remedies)
     res = run_doctor(path, overrides, preset=preset, seeds=seeds, out=out, jobs=jobs, target=target,
-                     show_progress=not quiet, command=command)
+                     show_progress=not quiet, command=command,
+                     remedies=tuple(remedies.split(",")) if remedies else None)
     out_console.print(gap_table(res))
     for f in res.findings:
         if f.kind in ("cause", "remedy"):
             out_console.print(f"[bold]{f.title}[/bold]: {f.text}", highlight=False, soft_wrap=True)
+    if res.recommended is not None:
+        out_console.print(f"[bold]Recommended[/bold] ({res.recommended.label}): {out / 'recommended.yaml'}, run it "
+                          f"with `fedgap run {out / 'recommended.yaml'}`", highlight=False, soft_wrap=True)
     err_console.print(f"report: {out / 'report.html'}  table: {out / 'gap.csv'}; {res.timing()}",
                       highlight=False, soft_wrap=True)
 
@@ -68,18 +84,21 @@ def gap_table(res) -> Table:
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("#", justify="right")
     table.add_column("variant", min_width=14)
-    for col in ("final acc", "last", "gap pp", "gap*", "closed", "rounds"):
+    for col in ("val", "test acc", "gap pp", "gap*", "closed", "rounds"):
         table.add_column(col, justify="right", no_wrap=True)
     for i, r in enumerate(res.rows, 1):
-        style = {"naive": "red", "central": "bold", "combined": "green"}.get(r.variant)
+        style = {"naive": "red", "central": "bold"}.get(r.variant)
+        if res.recommended is not None and r.variant == res.recommended.key:
+            style = "bold green"
         reach = "-" if r.variant == "central" else (
             f"{r.rounds_to_target:.0f}" if r.rounds_to_target is not None else "never")
         table.add_row(
-            str(i), r.label + status(r), fmt_pct(r.final_test_accuracy, r.final_std), fmt_pct(r.last_test_accuracy),
+            str(i), r.label + status(r), fmt_pct(r.final_val_accuracy), fmt_pct(r.final_test_accuracy, r.final_std),
             "-" if r.gap_pp is None else f"{r.gap_pp:.2f}",
             "-" if r.gap_equal_samples_pp is None else f"{r.gap_equal_samples_pp:.2f}",
             "-" if r.gap_closed is None else f"{100 * r.gap_closed:.0f}%", reach, style=style)
-    table.caption = (f"final acc: mean of the last {LATE_EVALS} evaluations; last: the last one; gap pp: to "
+    table.caption = (f"ranked by val: validation accuracy (what selects); test acc: mean of the last {LATE_EVALS} "
+                     f"evaluations; gap pp: to "
                      f"centralized final accuracy; gap*: to centralized after as many samples; "
                      f"rounds: to reach {fmt_pct(res.target)} ({res.target_source})")
     table.caption_justify = "left"

@@ -44,9 +44,16 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def selection_score(r: GapRow) -> float:
+    """What the doctor compares variants by: validation accuracy (test accuracy only where runs have no
+    validation split, e.g. reports of older runs)."""
+    v = r.final_val_accuracy if r.final_val_accuracy is not None else r.final_test_accuracy
+    return -1.0 if v is None else v
+
+
 def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_recs: list[RunRecord],
                     partition: dict, noise: float | None, seeds: int, target: float,
-                    target_source: str) -> list[Finding]:
+                    target_source: str, recommended: str | None = None, tuning: dict | None = None) -> list[Finding]:
     by = {r.variant: r for r in rows}
     central, naive = by.get("central"), by.get("naive")
     out: list[Finding] = []
@@ -109,7 +116,11 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
                    f"from {pct(acc_min)} to {pct(acc_max)} (standard deviation {100 * acc_std:.1f} pp).")
     out.append(Finding("Label heterogeneity", hetero, "info"))
 
-    out += _remedy_findings(rows, naive, gap, tie)
+    bias = _classifier_bias(naive_recs)
+    if bias is not None:
+        out.append(bias)
+    out += _remedy_findings(rows, naive, gap, tie, recommended)
+    out += _tuning_findings(rows, naive, tuning or {}, tie)
     if seeds == 1:
         out.append(Finding("One seed", (
             f"Every variant ran with one seed, so differences below about {ONE_SEED_NOISE_PP:.0f} pp are not "
@@ -122,14 +133,58 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
     return out
 
 
-def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float) -> list[Finding]:
+def _classifier_bias(naive_recs: list[RunRecord]) -> Finding | None:
+    """Whether the classifier drifts toward the classes of each round's clients (the label-skew cause)."""
+    lean = late_mean(naive_recs, "prediction_lean")
+    low, high = late_mean(naive_recs, "class_recall_min"), late_mean(naive_recs, "class_recall_max")
+    if lean is None or low is None:
+        return None
+    more = f"{100 * lean:.1f}% more" if lean >= 0 else f"{-100 * lean:.1f}% less"
+    text = (f"The naive global model's per-class recall ranges from {pct(low)} to {pct(high)}, and its predictions "
+            f"put {more} weight on the label mix of the last round's clients than the true test labels do (means "
+            f"of the last {LAST} evaluations).")
+    if lean > 0.05 or high - low > 0.2:
+        return Finding("The classifier leans toward each round's clients", text + (
+            " After a round the model predicts what the round's few clients held: the classifier drifts with "
+            "the label skew, which is what logit adjustment, FedLC and FedRS correct."), "cause")
+    return Finding("The classifier does not lean", text, "info")
+
+
+def _tuning_findings(rows: list[GapRow], naive: GapRow, tuning: dict, tie: float) -> list[Finding]:
+    out: list[Finding] = []
+    tuned = next((r for r in rows if r.variant == "tuned" and r.final_test_accuracy is not None), None)
+    if tuned is not None and naive.final_test_accuracy is not None:
+        out.append(Finding("Tuning alone", (
+            f"The user's setting with only the client lr and momentum tuned ({tuned.chosen or 'unchanged'}) reaches "
+            f"{pct(tuned.final_test_accuracy)} against {pct(naive.final_test_accuracy)} "
+            f"({100 * (tuned.final_test_accuracy - naive.final_test_accuracy):+.2f} pp)."), "info"))
+    for key in ("groupnorm", "layernorm"):
+        res = tuning.get(key)
+        if res is None or not any(k.key == "client.lr" for k in res.search.space):
+            continue
+        naive_val = naive.final_val_accuracy
+        last = max((rounds for t in res.trials for rounds in t.scores), default=None)
+        by_lr = [(t.point, t.scores.get(min(t.scores))) for t in res.trials if t.scores]
+        if naive_val is None or not by_lr or last is None:
+            continue
+        if all(score is not None and score < naive_val for _, score in by_lr):
+            out.append(Finding(f"{res.search.remedy.label} is slower here at every lr tried", (
+                f"At every client lr tried ({res.searched()}) it scored below the naive run's validation accuracy "
+                f"({pct(naive_val)}) at its first comparison: " + ", ".join(
+                    f"{' '.join(p)}: {pct(score)}" for p, score in by_lr) + ". Under this label skew it converges "
+                "more slowly than BatchNorm; it is not only mis-tuned."), "info"))
+    return out
+
+
+def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float,
+                     recommended: str | None = None) -> list[Finding]:
     out: list[Finding] = []
     remedies = [r for r in rows if r.cause in CAUSES and r.final_test_accuracy is not None]
     if not remedies or gap <= 0:
         return out
-    best_by_cause = {}
+    best_by_cause = {}  # the best remedy of each cause as the doctor selects: by validation accuracy
     for r in remedies:
-        if r.cause not in best_by_cause or r.final_test_accuracy > best_by_cause[r.cause].final_test_accuracy:
+        if r.cause not in best_by_cause or selection_score(r) > selection_score(best_by_cause[r.cause]):
             best_by_cause[r.cause] = r
     parts = []
     for cause in CAUSES:
@@ -156,14 +211,13 @@ def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float) 
             f"too few rounds or too little data per client."), "cause"))
 
     everything = [r for r in rows if r.variant not in ("central", "naive") and r.final_test_accuracy is not None]
-    best = max(everything, key=lambda r: r.final_test_accuracy)
-    tied = [r for r in everything if r is not best and 100 * (best.final_test_accuracy - r.final_test_accuracy) <= tie]
-    text = (f"{best.label}: {pct(best.final_test_accuracy)}, {best.gap_pp:.2f} pp below centralized training, "
-            f"{100 * (best.gap_closed or 0):.0f}% of the naive gap closed.")
+    best = next((r for r in everything if r.variant == recommended), None) or \
+        max(everything, key=selection_score)
+    text = (f"{best.label}: {pct(best.final_test_accuracy)} on the test set, {best.gap_pp:.2f} pp below centralized "
+            f"training, {100 * (best.gap_closed or 0):.0f}% of the naive gap closed; chosen as the highest validation "
+            f"accuracy ({pct(best.final_val_accuracy or 0)}) of every variant, never by its test accuracy.")
     if best.changes:
-        text += f" Set: `{best.changes}`."
-    if tied:
-        text += " Within the noise of it: " + ", ".join(f"{r.label} ({pct(r.final_test_accuracy)})" for r in tied) + "."
+        text += f" It changes: `{best.changes}`; recommended.yaml holds the whole configuration."
     out.append(Finding("What to use", text, "remedy"))
 
     combination = _combination_finding(rows, remedies, tie)
@@ -180,18 +234,21 @@ def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float) 
 
 
 def _combination_finding(rows: list[GapRow], remedies: list[GapRow], tie: float) -> Finding | None:
-    """Whether the combined run beat its best single remedy: do the remedies' gains add up?"""
-    combined = next((r for r in rows if r.variant == "combined" and r.final_test_accuracy is not None), None)
-    if combined is None or not remedies:
+    """Whether the best combination (by validation) beat its best single remedy: do the gains add up?"""
+    combos = [r for r in rows if r.cause == "combined" and r.final_test_accuracy is not None]
+    if not combos or not remedies:
         return None
-    single = max(remedies, key=lambda r: r.final_test_accuracy)
-    diff = 100 * (combined.final_test_accuracy - single.final_test_accuracy)
+    combined = max(combos, key=selection_score)
+    single = max(remedies, key=selection_score)
+    diff = 100 * (selection_score(combined) - selection_score(single))  # the verdict is a choice: validation
+    test_diff = 100 * (combined.final_test_accuracy - single.final_test_accuracy)
     if diff > tie:
         verdict, kind = "the gains add up", "remedy"
     elif diff < -tie:
         verdict, kind = f"the gains do not add up; use {single.label} alone", "caveat"
     else:
-        verdict, kind = "no better than the best single remedy", "info"
+        verdict, kind = "no better than the best single remedy, within the noise", "info"
     return Finding("The combination", (
-        f"{combined.label} reached {pct(combined.final_test_accuracy)}, {diff:+.2f} pp against the best single "
-        f"remedy, {single.label} ({pct(single.final_test_accuracy)}): {verdict}."), kind)
+        f"{combined.label} (found by greedy forward selection on validation accuracy) scored {diff:+.2f} pp on "
+        f"validation against the best single remedy, {single.label}: {verdict}. On the test set: "
+        f"{pct(combined.final_test_accuracy)} against {pct(single.final_test_accuracy)} ({test_diff:+.2f} pp)."), kind)

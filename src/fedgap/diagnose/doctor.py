@@ -1,15 +1,24 @@
-"""``fedgap doctor``: run the centralized baseline, the naive federated run and the remedies on identical
-partitions and seeds, measure the gap, explain it and rank the remedies.
+"""``fedgap doctor``: run the centralized baseline and the naive run, tune every remedy on a validation split,
+search the combination, measure the gap, explain it, and write the winner as ``recommended.yaml``.
 
-Two phases. First the centralized baseline, the naive run (with diagnostics) and each remedy alone, all at
-once on the pool. Then the best remedy of every cause group that beat the naive run,
-combined into one more run. Every run is cached in ``OUT/runs`` by config hash (see ``pool``), so a killed
-doctor started again only does what is missing, and a second call with the same settings reruns nothing.
+Phases, each on the pool (runs cached in ``OUT/runs`` by config hash, so a killed doctor started again only
+does what is missing and a second call with the same settings reruns nothing):
+
+1. the centralized baseline and the naive run (the user's setting as given, with diagnostics);
+2. every remedy and a tuned-FedAvg row at their own best hyper-parameters, by successive halving on the
+   validation accuracy (``fedgap.diagnose.tuning``);
+3. greedy forward selection: starting from the best tuned variant, add the best-tuned remedy of another cause
+   while that raises validation accuracy;
+4. the variant with the highest validation accuracy is recommended and written as ``recommended.yaml``.
+
+Nothing is chosen on test accuracy: test numbers are measured for every variant and reported, never compared
+to pick one (tests/test_doctor.py replaces the test labels with noise and gets the same recommendation).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import time
@@ -18,17 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from fedgap import __version__
-from fedgap.config import Config, config_to_dict, results_hash
+from fedgap.config import Config, config_to_dict, dump_yaml, results_hash
 from fedgap.diagnose import variants as V
 from fedgap.diagnose.diagnosis import Finding, write_diagnosis
 from fedgap.diagnose.gap import GapRow, gap_rows, noise_pp
 from fedgap.diagnose.pool import RunRecord, RunSpec, run_all
+from fedgap.diagnose.tuning import TuneResult, budget_rounds, rungs_for, successive_halving, validation_score
 from fedgap.errors import ConfigError
 from fedgap.fl import outputs
 
-GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_std", "best_test_accuracy",
-               "best_std", "gap_equal_samples_pp", "gap_closed", "reached", "seeds", "rounds", "wall_seconds",
-               "cause", "label", "changes", "error", "diverged", "last_test_accuracy", "late_sem"]
+GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_val_accuracy", "chosen",
+               "searched", "final_std", "best_test_accuracy", "best_std", "gap_equal_samples_pp", "gap_closed",
+               "reached", "seeds", "rounds", "wall_seconds", "cause", "label", "changes", "error", "diverged",
+               "last_test_accuracy", "late_sem"]
+RECOMMENDED = "recommended.yaml"
 
 
 @dataclass
@@ -48,13 +60,20 @@ class DoctorResult:
     seconds: float
     command: str
     notes: list[str] = field(default_factory=list)
+    recommended: V.Variant | None = None
+    tuning: dict[str, TuneResult] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def row(self, key: str) -> GapRow | None:
         return next((r for r in self.rows if r.variant == key), None)
 
     def timing(self) -> str:
         """For headers: '13 runs, 0.2 minutes (all reused from the cache, which took 61.2 minutes of runs)'."""
-        recs = [rec for group in self.records.values() for rec in group]
+        unique: dict[Path, RunRecord] = {}  # one run folder can serve several variants (a grid point = naive)
+        for rec in [rec for group in self.records.values() for rec in group] + \
+                [t.record for res in self.tuning.values() for t in res.trials if t.record is not None]:
+            unique.setdefault(rec.run_dir, rec)
+        recs = list(unique.values())
         run_minutes = sum((rec.summary or {}).get("wall_seconds") or 0.0 for rec in recs) / 60
         reused = sum(rec.cached for rec in recs)
         text = f"{len(recs)} runs, {self.seconds / 60:.1f} minutes"
@@ -82,14 +101,22 @@ def central_epochs(naive: Config, preset: V.DoctorPreset, train_size: int, sizes
 
 def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "quick", seeds: int = 1,
                out: Path, jobs: int | None = None, target: float | None = None, show_progress: bool = True,
-               command: str = "fedgap doctor") -> DoctorResult:
+               command: str = "fedgap doctor", remedies: tuple[str, ...] | None = None) -> DoctorResult:
     t0 = time.perf_counter()
     p = V.PRESETS[preset]
+    if remedies is not None:
+        unknown = [k for k in remedies if k not in V.REMEDY_BY_KEY]
+        if unknown:
+            raise ConfigError(f"--remedies: unknown {', '.join(unknown)}; known: {', '.join(V.REMEDY_BY_KEY)}")
+        p = dataclasses.replace(p, remedies=tuple(remedies))
     tree = V.base_tree(p, config_path, overrides)
     naive = V.config_from_dict(tree)
     if naive.data.partition == "central":
         raise ConfigError("data.partition: the doctor compares federated with centralized training; give a "
                           "federated partition (iid | dirichlet | shards | quantity), not central")
+    if naive.data.validation <= 0:
+        raise ConfigError("data.validation: the doctor chooses hyper-parameters and remedies on a validation "
+                          f"split, never on the test set; give a share > 0 (default {p.validation})")
     outputs.prepare_dir(out)
     lock = outputs.RunLock(out)  # one doctor per folder; its runs have their own locks
     try:
@@ -110,82 +137,118 @@ def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Pat
     parts = partition_for(d, labels, naive.seed)
     stats = partition_stats(parts, labels, data.num_classes)
 
-    singles, skipped = V.single_variants(naive, tree, p)
-    epochs = central_epochs(naive, p, len(labels), [len(x) for x in parts])
+    # 1. the baselines
+    epochs = central_epochs(naive, p, sum(len(x) for x in parts), [len(x) for x in parts])
     central = V.Variant("central", "centralized", "", V.central_config(naive, epochs))
     naive_v = V.Variant("naive", "naive", "", naive)
-    phase1 = [central, naive_v, *singles]
-    records = _run(phase1, seeds, out, jobs, show_progress, f"doctor ({preset}): runs")
+    records = _run([central, naive_v], seeds, out, jobs, show_progress, f"doctor ({preset}): baselines")
 
-    rows = gap_rows(phase1, records, "central", "naive", target or 0.0)
-    winners = _winners(rows, singles)
-    combo = V.combination(tree, winners)
-    variants = list(phase1)
-    notes = []
-    if combo is not None:
-        known = {results_hash(v.cfg): v for v in phase1}
-        if results_hash(combo.cfg) in known:
-            notes.append(f"the best combination equals {known[results_hash(combo.cfg)].label}; not rerun")
-        else:
-            variants.append(combo)
-            records.update(_run([combo], seeds, out, jobs, show_progress, f"doctor ({preset}): combination"))
-    elif singles:
-        notes.append("fewer than two cause groups had a remedy that beat the naive run; no combination was run")
+    # 2. every remedy tuned on the validation split
+    searches, skipped = V.searches(naive, tree, p)
+    budget = {"rungs": rungs_for(p.rungs, naive.server.rounds), "keep": p.keep,
+              "candidates": sum(len(s.grid) for s in searches),
+              "planned_rounds": budget_rounds(searches, p.rungs, p.keep, naive.server.rounds)}
+    tuning = successive_halving(searches, tree, p.rungs, p.keep, out, rounds=naive.server.rounds, jobs=jobs,
+                                show_progress=show_progress, title=f"doctor ({preset}): tuning")
+    budget["trained_rounds"] = sum(r.rounds_trained for r in tuning.values())
+    singles = []
+    for key, res in tuning.items():
+        v = V.Variant(key, res.search.remedy.label, res.search.remedy.cause,
+                      res.search.candidate(tree, res.best.point), res.search.overrides + res.best.point)
+        singles.append(v)
+        records[key] = [res.best.record]
+    scores = {v.key: validation_score(records[v.key][0]) for v in [central, naive_v, *singles]}
 
-    naive_row = next(r for r in rows if r.variant == "naive")
+    # 3. the combination, by greedy forward selection on validation accuracy
+    combos, notes = _forward_selection(tree, singles, scores, p, out, jobs, show_progress, records)
+    variants = [central, naive_v, *singles, *combos]
+    if seeds > 1:  # more seeds of what was chosen, for the report (selection used seed 0 only)
+        extra = _run([v for v in variants if v.key not in ("central", "naive")], seeds, out, jobs, show_progress,
+                     f"doctor ({preset}): more seeds", first=1)
+        for key, recs in extra.items():
+            records[key] = records[key][:1] + recs
+
+    # 4. the recommendation: the highest validation accuracy of any federated variant
+    candidates = [v for v in variants if v.key != "central" and scores.get(v.key) is not None]
+    recommended = max(candidates, key=lambda v: scores[v.key]) if candidates else None
+
+    naive_rows = gap_rows([central, naive_v], records, "central", "naive", target or 0.0)
+    naive_row = next(r for r in naive_rows if r.variant == "naive")
     if target is None:
         target_source = "the naive run's final accuracy"
         target = math.floor(1000 * (naive_row.final_test_accuracy or 0)) / 1000
     else:
         target_source = "given with --target"
     rows = gap_rows(variants, records, "central", "naive", target)
+    for r in rows:
+        if r.variant in tuning:
+            res = tuning[r.variant]
+            r.chosen, r.searched = " ".join(res.best.point), res.searched()
     findings = write_diagnosis(rows, records["naive"], records["central"], stats.summary(), noise_pp(rows),
-                               seeds, target, target_source)
+                               seeds, target, target_source, recommended=recommended.key if recommended else None,
+                               tuning=tuning)
     cut = p.cut(naive, epochs, seeds)
     result = DoctorResult(out, p, variants, records, rows, target, target_source, findings, cut, skipped,
-                          stats.summary(), stats.counts, time.perf_counter() - t0, command, notes)
+                          stats.summary(), stats.counts, time.perf_counter() - t0, "", notes, recommended,
+                          tuning, budget)
+    result.command = command
     write_outputs(result)
     return result
 
 
 def _run(variants: list[V.Variant], seeds: int, out: Path, jobs: int | None, show_progress: bool,
-         title: str) -> dict[str, list[RunRecord]]:
+         title: str, first: int = 0) -> dict[str, list[RunRecord]]:
     specs, owners = [], []
     for v in variants:
-        for i in range(seeds):
+        for i in range(first, seeds):
             specs.append(RunSpec(f"{v.key}-s{i}", seeded(v.cfg, i), diagnostics=v.key == "naive"))
             owners.append(v.key)
-    got = run_all(specs, out, jobs=jobs, title=title, show_progress=show_progress)
+    got = run_all(specs, out, jobs=jobs, title=title, show_progress=show_progress) if specs else []
     records: dict[str, list[RunRecord]] = {v.key: [] for v in variants}
     for key, rec in zip(owners, got, strict=True):
         records[key].append(rec)
     return records
 
 
-COMBINE_GROUPS = 2
+def _forward_selection(tree: dict, singles: list[V.Variant], scores: dict[str, float | None], p: V.DoctorPreset,
+                       out: Path, jobs: int | None, show_progress: bool,
+                       records: dict[str, list[RunRecord]]) -> tuple[list[V.Variant], list[str]]:
+    """Greedy forward selection over the tuned remedies of different causes, on validation accuracy.
 
-
-def _winners(rows: list[GapRow], singles: list[V.Variant]) -> list[V.Variant]:
-    """The best single remedy of each of the (at most) two cause groups that gained most over the naive run;
-    best first.
-
-    Any gain counts, even one within the noise: the combination is itself a measurement, run to see whether
-    small gains of different causes add up (a 150-round run measured SCAFFOLD +0.64 pp and BN recalibration
-    +0.17 pp). Two groups, not all that gained: at alpha 0.1 joining every group's winner (FedBN + FedYogi +
-    AdamW + FedProx) scored 77.0% against FedBN's 94.6% alone, each extra change being one more interaction
-    nobody tuned. Whether a remedy, or the combination, really helped is judged in the diagnosis."""
-    naive = next(r for r in rows if r.variant == "naive")
-    if naive.final_test_accuracy is None:
-        return []
-    by_key = {v.key: v for v in singles}
-    best: dict[str, GapRow] = {}
-    for r in rows:
-        if r.variant in by_key and r.final_test_accuracy is not None and \
-                r.final_test_accuracy > naive.final_test_accuracy:
-            if r.cause not in best or r.final_test_accuracy > best[r.cause].final_test_accuracy:
-                best[r.cause] = r
-    ranked = sorted(best.values(), key=lambda r: -r.final_test_accuracy)
-    return [by_key[r.variant] for r in ranked[:COMBINE_GROUPS]]
+    Start from the best tuned variant; each step tries adding the best-tuned remedy of every cause not yet in
+    the set (all tries of a step run in parallel) and keeps the one that raises validation accuracy most; stop
+    when none does or after ``p.combine_steps`` additions. Each remedy keeps its tuned values (where two set one
+    key, such as client.lr, the one already in the set wins)."""
+    notes: list[str] = []
+    ranked = sorted((v for v in singles if scores.get(v.key) is not None), key=lambda v: -scores[v.key])
+    if not ranked:
+        return [], ["no tuned variant finished; no combination was searched"]
+    best_of_cause: dict[str, V.Variant] = {}
+    for v in ranked:
+        best_of_cause.setdefault(v.cause, v)
+    current, current_score = [ranked[0]], scores[ranked[0].key]
+    tried: list[V.Variant] = []
+    known = {results_hash(v.cfg) for v in singles}
+    for _ in range(p.combine_steps):
+        used = {v.cause for v in current}
+        options = [V.combined(tree, current + [v]) for c, v in best_of_cause.items() if c not in used]
+        options = [o for o in options if results_hash(o.cfg) not in known]
+        if not options:
+            break
+        got = _run(options, 1, out, jobs, show_progress, f"doctor ({p.name}): combination")
+        for o in options:
+            records[o.key] = got[o.key]
+            scores[o.key] = validation_score(got[o.key][0] if got[o.key] else None)
+            known.add(results_hash(o.cfg))
+        tried += options
+        step_best = max(options, key=lambda o: scores[o.key] if scores[o.key] is not None else -1.0)
+        if scores[step_best.key] is None or current_score is None or scores[step_best.key] <= current_score:
+            notes.append(f"adding a remedy of another cause to {' + '.join(v.label for v in current)} did not "
+                         f"raise validation accuracy; the search stopped there")
+            break
+        current = current + [next(v for v in best_of_cause.values() if v.key == step_best.key.split("+")[-1])]
+        current_score = scores[step_best.key]
+    return tried, notes
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -213,16 +276,45 @@ def summary_dict(res: DoctorResult) -> dict[str, Any]:
         "target_source": res.target_source,
         "naive_config": config_to_dict(res.records["naive"][0].spec.cfg),
         "partition": res.partition,
+        "selection": "validation accuracy (mean of the last 3 evaluations on data.validation); test never used",
+        "recommended": None if res.recommended is None else {
+            "variant": res.recommended.key, "label": res.recommended.label,
+            "changes": list(res.recommended.overrides), "file": RECOMMENDED},
+        "tuning": {key: {"searched": t.searched(), "chosen": list(t.best.point), "rounds_trained": t.rounds_trained,
+                         "trials": [{"point": list(tr.point), "validation_scores": {str(k): v for k, v in
+                                                                                    tr.scores.items()}}
+                                    for tr in t.trials]}
+                   for key, t in res.tuning.items()},
+        "budget": res.budget,
         "variants": [r.as_dict() for r in res.rows],
         "diagnosis": [f.as_dict() for f in res.findings],
         "skipped": res.skipped,
         "notes": res.notes,
-        "curves": {v.key: [[rec.run_dir.name, [[r["round"], r.get("test_accuracy"), r["samples"]]
-                                               for r in rec.rows]] for rec in res.records[v.key] if rec.ok]
+        "curves": {v.key: [[rec.run_dir.name, [[r["round"], r.get("test_accuracy"), r["samples"],
+                                                r.get("val_accuracy")] for r in rec.rows]]
+                           for rec in res.records[v.key] if rec.ok]
                    for v in res.variants},
         "naive_diagnostics": {k: [r.get(k) for r in naive.rows] for k in series_keys},
         "runs": {v.key: [str(rec.run_dir.relative_to(res.out)) for rec in res.records[v.key]] for v in res.variants},
     }
+
+
+def recommended_yaml(res: DoctorResult) -> str | None:
+    """The recommended configuration as a file ``fedgap run recommended.yaml`` runs as it is (fully resolved, so
+    it reproduces the doctor's run of it), with what it changes against the user's setting on top."""
+    v = res.recommended
+    if v is None:
+        return None
+    row = res.row(v.key)
+    lines = [f"# fedgap doctor ({res.preset.name}) recommends: {v.label}",
+             "# chosen on validation accuracy (data.validation), never on the test set",
+             f"# changes against your setting: {' '.join(v.overrides) or 'none (your setting is the best found)'}"]
+    if row is not None and row.final_test_accuracy is not None:
+        lines.append(f"# measured here: validation {100 * (row.final_val_accuracy or 0):.2f}%, test "
+                     f"{100 * row.final_test_accuracy:.2f}% (means of the last 3 evaluations), "
+                     f"{row.rounds} rounds")
+    lines.append(f"# run it: fedgap run {RECOMMENDED} --out runs/recommended")
+    return "\n".join(lines) + "\n" + dump_yaml(v.cfg)
 
 
 def write_outputs(res: DoctorResult) -> None:
@@ -230,6 +322,9 @@ def write_outputs(res: DoctorResult) -> None:
     from fedgap.report.markdown import render_markdown
 
     outputs.atomic_write_text(res.out / "gap.csv", gap_csv(res.rows))
+    recommended = recommended_yaml(res)
+    if recommended is not None:
+        outputs.atomic_write_text(res.out / RECOMMENDED, recommended)
     outputs.atomic_write_text(res.out / "gap.md", render_markdown(res))
     summary = summary_dict(res)
     outputs.write_json(res.out / "summary.json", summary)

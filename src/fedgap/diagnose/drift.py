@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgap.fl.evaluate import label_matched_subset
+from fedgap.fl.evaluate import fixed_shape_batches, label_matched_subset
 from fedgap.fl.normpolicy import Moments, input_moments, sum_moments
 
 EPS = 1e-5  # BatchNorm's default eps: the distance stays finite for channels with (almost) no variance
@@ -142,4 +142,28 @@ class Diagnostics:
             a = np.array(accs)
             row.update(client_acc_mean=float(a.mean()), client_acc_std=float(a.std()),
                        client_acc_min=float(a.min()), client_acc_max=float(a.max()))
+        round_labels = np.concatenate([train_y[exp.parts[r.client_id]] for r in results])
+        row.update(classifier_bias(engine.model, state, data.test_x, data.test_y, round_labels, data.num_classes,
+                                   exp.cfg.eval.batch_size))
         return row
+
+
+@torch.inference_mode()
+def classifier_bias(model: torch.nn.Module, state, x: torch.Tensor, y: torch.Tensor, round_labels: np.ndarray,
+                    num_classes: int, batch_size: int = 500) -> dict[str, float]:
+    """How the global model's classifier leans: its per-class recall on the test set (min and max), and
+    ``prediction_lean`` = sum_c q_c p_pred(c) / sum_c q_c p_true(c) - 1, where q is the label mix of the round's
+    clients: 0 when the predictions follow the true labels, 0.3 when they put 30% more weight on the classes
+    this round's clients held (the classifier drifting toward them under label skew)."""
+    model.load_state_dict(state)
+    model.eval()
+    preds = torch.cat([model(xb)[:n].argmax(1) for xb, n in fixed_shape_batches(x, batch_size)])
+    true = np.bincount(y.numpy(), minlength=num_classes).astype(float)
+    hits = np.bincount(y.numpy()[(preds == y).numpy()], minlength=num_classes)
+    recall = hits[true > 0] / true[true > 0]
+    predicted = np.bincount(preds.numpy(), minlength=num_classes).astype(float)
+    q = np.bincount(round_labels, minlength=num_classes).astype(float)
+    q /= max(q.sum(), 1.0)
+    lean = float(q @ (predicted / len(y)) / max(q @ (true / len(y)), 1e-12) - 1)
+    return {"class_recall_min": float(recall.min()), "class_recall_max": float(recall.max()),
+            "prediction_lean": lean}

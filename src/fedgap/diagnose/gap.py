@@ -47,6 +47,9 @@ class GapRow:
     last_test_accuracy: float | None = None
     late_sem: float | None = None
     diverged: int = 0  # seeds whose run stopped on a non-finite model (diverged_at_round in their summary)
+    final_val_accuracy: float | None = None  # mean of the last LATE_EVALS validation evaluations: what selects
+    chosen: str = ""  # the tuned hyper-parameters (overrides) of this variant
+    searched: str = ""  # the search space they were chosen from
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,9 +62,9 @@ def accuracies(record: RunRecord) -> list[tuple[int, float]]:
     return [(int(r["round"]), float(r["test_accuracy"])) for r in record.rows if r.get("test_accuracy") is not None]
 
 
-def late_accuracy(record: RunRecord) -> tuple[float | None, float | None]:
+def late_accuracy(record: RunRecord, key: str = "test_accuracy") -> tuple[float | None, float | None]:
     """(mean, standard error) of the last LATE_EVALS evaluated accuracies; (None, None) without any."""
-    tail = [a for _, a in accuracies(record)][-LATE_EVALS:]
+    tail = [float(r[key]) for r in record.rows if r.get(key) is not None][-LATE_EVALS:]
     if not tail:
         return None, None
     sem = float(np.std(tail, ddof=1) / math.sqrt(len(tail))) if len(tail) > 1 else None
@@ -103,7 +106,8 @@ def train_samples(record: RunRecord) -> float:
 
 def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: str, naive_key: str,
              target: float) -> list[GapRow]:
-    """One row per variant (central and naive included), ranked by final accuracy (failed runs last)."""
+    """One row per variant (central and naive included), ranked by validation accuracy where runs have a
+    validation split (what the doctor selects on), else by final test accuracy; failed runs last."""
     central = [r for r in records[central_key] if r.ok]
     central_final = _mean_std([m for m, _ in map(late_accuracy, central) if m is not None])[0]
     rows: list[GapRow] = []
@@ -116,6 +120,7 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
         lasts = [r.summary["final_test_accuracy"] for r in ok if r.summary["final_test_accuracy"] is not None]
         bests = [r.summary["best_test_accuracy"] for r in ok if r.summary["best_test_accuracy"] is not None]
         final, final_std = _mean_std(finals)
+        val = _mean_std([m for m, _ in (late_accuracy(r, "val_accuracy") for r in ok) if m is not None])[0]
         best, best_std = _mean_std(bests)
         gap = None if final is None or central_final is None else 100 * (central_final - final)
         equal = []
@@ -136,14 +141,18 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
             diverged=sum(1 for r in ok if r.summary.get("diverged_at_round")),
             last_test_accuracy=_mean_std(lasts)[0],
             late_sem=float(np.mean(sems)) / math.sqrt(len(sems)) if sems else None,
+            final_val_accuracy=val,
         ))
     naive = next(r for r in rows if r.variant == naive_key)
     for row in rows:
         if row.variant == central_key or row.gap_pp is None or naive.gap_pp is None or naive.gap_pp <= 0:
             continue
         row.gap_closed = (naive.gap_pp - row.gap_pp) / naive.gap_pp
-    return sorted(rows, key=lambda r: (r.final_test_accuracy is None,
-                                       -(r.final_test_accuracy if r.final_test_accuracy is not None else 0)))
+    def rank(r: GapRow) -> tuple:
+        score = r.final_val_accuracy if r.final_val_accuracy is not None else r.final_test_accuracy
+        return (r.final_test_accuracy is None, -(score if score is not None else 0))
+
+    return sorted(rows, key=rank)
 
 
 def status(row: GapRow) -> str:

@@ -11,9 +11,11 @@ every run folder is locked while it is written, so a killed doctor leaves no orp
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
 import signal
 import sys
 import threading
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedgap.config import Config, config_from_dict, config_to_dict, results_hash
+from fedgap.config import RESULT_NEUTRAL, Config, config_from_dict, config_hash, config_to_dict, read_yaml, results_hash
 from fedgap.errors import FedgapError
 from fedgap.fl import outputs
 from fedgap.progress import console, make_progress
@@ -64,13 +66,49 @@ def run_dir_for(root: Path, spec: RunSpec) -> Path:
     return found[0] if found else base / f"{spec.name}-{spec.key}"
 
 
+def extension_key(cfg: Config) -> str | None:
+    """What a run shares with the same run cut at fewer rounds (all but server.rounds and eval.every); None when
+    a shorter run is not a prefix of a longer one (a cosine server lr schedule depends on server.rounds)."""
+    if cfg.server.lr_schedule != "constant":
+        return None
+    return config_hash(cfg, RESULT_NEUTRAL + (("server", "rounds"), ("eval", "every")))[:12]
+
+
+def start_from_shorter(root: Path, spec: RunSpec, run_dir: Path) -> int:
+    """Successive halving extends runs instead of repeating them: if a run of the same config with fewer
+    rounds exists, copy its checkpoint and metrics into ``run_dir`` so the run resumes from there (a resumed
+    run ends exactly as an uninterrupted one, tests/test_run.py). Returns the rounds it starts from (0: none)."""
+    key = extension_key(spec.cfg)
+    base = root / RUNS
+    if key is None or run_dir.exists() or not base.exists():
+        return 0
+    best, best_rounds = None, 0
+    for other in base.iterdir():
+        ckpt, cfg_file = other / outputs.CHECKPOINT, other / outputs.CONFIG
+        if not (ckpt.exists() and cfg_file.exists() and (other / outputs.SUMMARY).exists()):
+            continue
+        try:
+            cfg = config_from_dict(read_yaml(cfg_file))
+        except FedgapError:
+            continue
+        summary = json.loads((other / outputs.SUMMARY).read_text())
+        done = int(summary.get("rounds_completed") or 0)
+        if extension_key(cfg) == key and best_rounds < done < spec.cfg.server.rounds and \
+                not summary.get("diverged_at_round"):
+            best, best_rounds = other, done
+    if best is None:
+        return 0
+    run_dir.mkdir(parents=True)
+    for name in (outputs.CONFIG, outputs.METRICS, outputs.CHECKPOINT):
+        shutil.copy2(best / name, run_dir / name)
+    return best_rounds
+
+
 def load_record(spec: RunSpec, run_dir: Path) -> RunRecord | None:
     """The finished run in run_dir, or None."""
     summary_path = run_dir / outputs.SUMMARY
     if not summary_path.exists():
         return None
-    import json
-
     summary = json.loads(summary_path.read_text())
     rows = [_parse_row(r) for r in outputs.read_metrics(run_dir / outputs.METRICS)]
     return RunRecord(spec, run_dir, summary, rows, cached=True)
@@ -165,6 +203,7 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, ti
             if on_done:
                 on_done(done)
         else:
+            start_from_shorter(root, spec, run_dir)
             todo.append((i, spec, run_dir))
     if todo:
         jobs = min(jobs or default_jobs(specs[0].cfg), len(todo))

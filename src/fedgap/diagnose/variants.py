@@ -1,22 +1,41 @@
-"""What the doctor runs: the centralized baseline, the naive federated run, each remedy alone, and the best
-combination of the remedies that helped.
+"""What the doctor runs: the centralized baseline, the naive federated run (the user's setting as given), a
+tuned-FedAvg row (what tuning alone gives), each remedy at its own best hyper-parameters, and the combination
+found by greedy forward selection, all selected on a validation split.
 
 A remedy is a set of config overrides applied on top of the user's setting (the naive run), so it changes one
-thing: the client objective, the server optimizer, the norm layer or policy, or a client regularizer.
-Overrides name the components explicitly (``client.objective=prox`` rather than ``server.algorithm=fedprox``)
-so that a remedy means the same whatever preset the user started from. Remedies are grouped by the cause of
-the gap they address; the diagnosis compares the groups.
+thing: the client objective, the server optimizer, the norm layer or policy, a schedule or a client regularizer;
+plus its search space (``knobs``: its own hyper-parameters, and in the full preset the client lr). Overrides
+name the components explicitly (``client.objective=prox`` rather than ``server.algorithm=fedprox``) so that a
+remedy means the same whatever preset the user started from. Remedies are grouped by the cause of the gap
+they address; the diagnosis compares the groups and the combination joins remedies of different causes.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from fedgap.config import Config, _merge, config_from_dict, config_to_dict, parse_overrides, read_yaml
+from fedgap.config import Config, config_from_dict, config_to_dict, merge, parse_overrides, read_yaml
 
 # cause groups, in the order the report lists them
-NORMALIZATION, DRIFT, SERVER, REGULARIZATION = "normalization", "client drift", "server optimizer", "regularization"
-CAUSES = (NORMALIZATION, DRIFT, SERVER, REGULARIZATION)
+NORMALIZATION, DRIFT, LABEL_SKEW = "normalization", "client drift", "label skew (classifier)"
+SERVER, REGULARIZATION = "server optimizer and schedules", "regularization"
+CAUSES = (NORMALIZATION, DRIFT, LABEL_SKEW, SERVER, REGULARIZATION)
+TUNING = "tuning alone"
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One hyper-parameter of a search space: a dotted config key and the values tried."""
+
+    key: str
+    values: tuple
+
+    def describe(self) -> str:
+        return f"{self.key} in {{{', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in self.values)}}}"
+
+
+LR = Knob("client.lr", (0.02, 0.05, 0.1))  # the client lr every SGD remedy is tuned over (full preset)
 
 
 @dataclass(frozen=True)
@@ -25,11 +44,16 @@ class Remedy:
     label: str
     cause: str
     overrides: tuple[str, ...]
+    knobs: tuple[Knob, ...] = ()  # the remedy's own hyper-parameters
     needs_batchnorm: bool = False  # only meaningful when the naive model has BatchNorm
+    own_lr: bool = False  # its knobs include the client lr (AdamW): no extra LR knob
     why: str = ""
 
 
 REMEDIES: tuple[Remedy, ...] = (
+    Remedy("tuned", "tuned FedAvg", TUNING, (), (Knob("client.lr", (0.02, 0.05, 0.1)),
+                                                  Knob("client.momentum", (0.0, 0.9))), own_lr=True,
+           why="the user's setting with only the client lr and momentum tuned: what tuning alone gives"),
     Remedy("groupnorm", "GroupNorm", NORMALIZATION, ("model.norm=group",),
            why="per-sample statistics: nothing to average, nothing skewed"),
     Remedy("layernorm", "LayerNorm", NORMALIZATION, ("model.norm=layer",),
@@ -38,19 +62,32 @@ REMEDIES: tuple[Remedy, ...] = (
            why="each client keeps its own BatchNorm layers (Li et al. 2021)"),
     Remedy("recalibrate", "BN recalibration", NORMALIZATION, ("model.norm_policy=recalibrate",),
            needs_batchnorm=True, why="exact federated BatchNorm statistics of the global model"),
-    Remedy("fedprox", "FedProx", DRIFT, ("client.objective=prox",),
+    Remedy("fedprox", "FedProx", DRIFT, ("client.objective=prox",), (Knob("server.mu", (0.001, 0.01, 0.1)),),
            why="proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)"),
     Remedy("scaffold", "SCAFFOLD", DRIFT, ("client.objective=scaffold",),
            why="control variates correct the client gradients (Karimireddy et al. 2020)"),
-    Remedy("fedavgm", "FedAvgM", SERVER, ("server.optimizer=momentum", "server.lr=1.0", "server.momentum=0.9"),
-           why="server momentum on the mean update (Hsu et al. 2019)"),
-    Remedy("fedadam", "FedAdam", SERVER, ("server.optimizer=adam", "server.lr=0.01"),
+    Remedy("feddyn", "FedDyn", DRIFT, ("client.objective=feddyn",),
+           (Knob("objective.feddyn.alpha", (0.001, 0.01, 0.1)),),
+           why="dynamic regularization aligns local and global stationary points (Acar et al. 2021)"),
+    Remedy("logit_adjust", "logit adjustment", LABEL_SKEW, ("client.objective=logit_adjust",),
+           (Knob("objective.logit_adjust.tau", (0.5, 1.0, 2.0)),),
+           why="logits + tau log p_client(y) in local training (balanced softmax; Menon et al. 2021)"),
+    Remedy("fedlc", "FedLC", LABEL_SKEW, ("client.objective=fedlc",), (Knob("objective.fedlc.tau", (0.1, 0.5, 1.0)),),
+           why="logit calibration by the client's label counts (Zhang et al. 2022)"),
+    Remedy("fedrs", "FedRS", LABEL_SKEW, ("client.objective=fedrs",), (Knob("objective.fedrs.alpha", (0.1, 0.5, 0.9)),),
+           why="restricted softmax: missing classes' logits scaled down (Li & Zhan 2021)"),
+    Remedy("fedavgm", "FedAvgM", SERVER, ("server.optimizer=momentum", "server.momentum=0.9"),
+           (Knob("server.lr", (0.1, 0.3, 1.0)),),
+           why="server momentum on the mean update (Hsu et al. 2019; server lr 0.1 keeps FedAvg's step)"),
+    Remedy("fedadam", "FedAdam", SERVER, ("server.optimizer=adam",), (Knob("server.lr", (0.001, 0.003, 0.01)),),
            why="server Adam on the mean update (Reddi et al. 2021)"),
-    Remedy("fedyogi", "FedYogi", SERVER, ("server.optimizer=yogi", "server.lr=0.01"),
+    Remedy("fedyogi", "FedYogi", SERVER, ("server.optimizer=yogi",), (Knob("server.lr", (0.001, 0.003, 0.01)),),
            why="server Yogi on the mean update (Reddi et al. 2021)"),
-    Remedy("adamw", "AdamW + weight decay", REGULARIZATION,
-           ("client.optimizer=adamw", "client.lr=0.001", "client.weight_decay=0.01"),
-           why="decoupled weight decay on the clients (lr 1e-3, the usual AdamW scale)"),
+    Remedy("lr_decay", "client lr decay", SERVER, (), (Knob("client.lr_decay", (0.98, 0.99, 0.995)),),
+           why="the client lr shrinks geometrically over rounds, damping late oscillation"),
+    Remedy("adamw", "AdamW + weight decay", REGULARIZATION, ("client.optimizer=adamw", "client.weight_decay=0.01"),
+           (Knob("client.lr", (0.0003, 0.001, 0.003)),), own_lr=True,
+           why="decoupled weight decay on the clients (Loshchilov & Hutter 2019)"),
     Remedy("augment", "augmentation", REGULARIZATION, ("client.augment=true",),
            why="random shifts and rotations of client batches"),
 )
@@ -64,6 +101,11 @@ class DoctorPreset:
     eval_every: int
     central_epochs: int  # at least; raised to cover the naive run's training samples
     remedies: tuple[str, ...]
+    rungs: tuple[int, ...]  # successive halving: rounds at which candidates are compared (the last = rounds)
+    keep: int = 3  # reduction factor: a rung keeps the best 1/keep of its candidates (at least one)
+    tune_lr: bool = False  # also search the client lr (LR) for every remedy without its own
+    combine_steps: int = 3  # greedy forward selection: at most this many additions
+    validation: float = 0.1  # data.validation when the user gives none
 
     def cut(self, naive: Config, central_epochs: int, seeds: int) -> str:
         """What this run leaves out against the full preset, from the settings actually used ('' if nothing)."""
@@ -79,20 +121,32 @@ class DoctorPreset:
                          f"naive run) instead of {full.central_epochs} (to convergence)")
         left_out = [REMEDY_BY_KEY[k].label for k in full.remedies if k not in self.remedies]
         if left_out:
-            parts.append(f"{' and '.join(left_out)} left out (GroupNorm and FedAdam stand for them)")
+            parts.append(f"{', '.join(left_out)} left out")
+        if not self.tune_lr and full.tune_lr:
+            parts.append("remedies tuned over their own hyper-parameters only (the full preset adds the client lr)")
         if seeds == 1:
             parts.append("one seed")
         return ", ".join(parts)
 
+    def space(self, remedy: Remedy) -> tuple[Knob, ...]:
+        lr = (LR,) if self.tune_lr and not remedy.own_lr else ()
+        return remedy.knobs + lr
+
 
 PRESETS = {
     "quick": DoctorPreset(
-        "quick", rounds=30, eval_every=3, central_epochs=3,
-        remedies=("groupnorm", "fedbn", "recalibrate", "fedprox", "scaffold", "fedavgm", "fedadam", "adamw",
-                  "augment"),
+        "quick", rounds=30, eval_every=2, central_epochs=3, rungs=(10, 30), combine_steps=2,
+        remedies=("tuned", "fedbn", "logit_adjust", "fedlc", "fedrs", "fedadam"),
     ),
-    "full": DoctorPreset("full", rounds=150, eval_every=5, central_epochs=15, remedies=tuple(r.key for r in REMEDIES)),
+    "full": DoctorPreset("full", rounds=200, eval_every=5, central_epochs=15, rungs=(25, 75, 200), tune_lr=True,
+                         remedies=tuple(r.key for r in REMEDIES)),
 }
+
+
+def grid(knobs: tuple[Knob, ...]) -> list[tuple[str, ...]]:
+    """Every combination of the knobs' values, as override tuples (one empty tuple without knobs)."""
+    return [tuple(f"{k.key}={v}" for k, v in zip(knobs, values, strict=True))
+            for values in itertools.product(*(k.values for k in knobs))]
 
 
 @dataclass
@@ -106,15 +160,16 @@ class Variant:
 
 def base_tree(preset: DoctorPreset, config_path: str | None, overrides: list[str]) -> dict:
     """The naive run's config tree: the preset's rounds and evaluation, then the user's YAML and overrides
-    (the user's settings win)."""
-    tree = parse_overrides([f"server.rounds={preset.rounds}", f"eval.every={preset.eval_every}"])
+    (the user's settings win). The validation split is the preset's unless the user gives one."""
+    tree = parse_overrides([f"server.rounds={preset.rounds}", f"eval.every={preset.eval_every}",
+                            f"data.validation={preset.validation}"])
     if config_path:
-        tree = _merge(tree, read_yaml(config_path))
-    return _merge(tree, parse_overrides(overrides))
+        tree = merge(tree, read_yaml(config_path))
+    return merge(tree, parse_overrides(overrides))
 
 
 def with_overrides(tree: dict, overrides: tuple[str, ...] | list[str]) -> Config:
-    return config_from_dict(_merge(tree, parse_overrides(list(overrides))))
+    return config_from_dict(merge(tree, parse_overrides(list(overrides))))
 
 
 def remedy_overrides(naive: Config, remedy: Remedy) -> tuple[str, ...]:
@@ -138,9 +193,22 @@ def central_config(naive: Config, epochs: int) -> Config:
     return config_from_dict(tree)
 
 
-def single_variants(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[list[Variant], list[str]]:
-    """Each remedy of the preset alone, skipping those that do not apply or equal the naive run. Returns the
-    variants and one line per skipped remedy (said in the report)."""
+@dataclass
+class Search:
+    """A remedy's search: its base overrides and the grid of hyper-parameter overrides tried on top."""
+
+    remedy: Remedy
+    overrides: tuple[str, ...]
+    space: tuple[Knob, ...]
+    grid: list[tuple[str, ...]]
+
+    def candidate(self, tree: dict, point: tuple[str, ...]) -> Config:
+        return with_overrides(tree, self.overrides + point)
+
+
+def searches(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[list[Search], list[str]]:
+    """Each remedy of the preset with its search space, skipping those that do not apply or equal the naive
+    run. Returns the searches and one line per skipped remedy (said in the report)."""
     from fedgap.config import results_hash
 
     naive_hash = results_hash(naive)
@@ -151,27 +219,27 @@ def single_variants(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[li
             skipped.append(f"{remedy.label}: the model has no BatchNorm (model.norm={naive.model.norm})")
             continue
         overrides = remedy_overrides(naive, remedy)
-        cfg = with_overrides(tree, overrides)
-        if results_hash(cfg) == naive_hash:
+        space = preset.space(remedy)
+        points = grid(space)
+        if len(points) == 1 and results_hash(with_overrides(tree, overrides + points[0])) == naive_hash:
             skipped.append(f"{remedy.label}: already part of the naive setting")
             continue
-        out.append(Variant(key, remedy.label, remedy.cause, cfg, overrides))
+        out.append(Search(remedy, overrides, space, points))
     return out, skipped
 
 
-def combination(tree: dict, winners: list[Variant]) -> Variant | None:
-    """The best remedy of each cause group that helped, applied together; None if fewer than two helped."""
-    if len(winners) < 2:
-        return None
+def combined(tree: dict, parts: list[Variant]) -> Variant:
+    """Remedies applied together, each with its tuned values; where two set one key (client.lr), the earlier
+    (better on validation) wins."""
     overrides: list[str] = []
     seen: dict[str, str] = {}
-    for v in winners:
+    for v in parts:
         for item in v.overrides:
             k = item.split("=", 1)[0]
-            if k in seen and seen[k] != item:
-                continue  # two remedies set one key (e.g. client.lr): the higher-ranked one wins
+            if k in seen:
+                continue
             seen[k] = item
-            if item not in overrides:
-                overrides.append(item)
-    label = " + ".join(v.label for v in winners)
-    return Variant("combined", label, "combined", with_overrides(tree, overrides), tuple(overrides))
+            overrides.append(item)
+    key = "+".join(v.key for v in parts)
+    label = " + ".join(v.label for v in parts)
+    return Variant(key, label, "combined", with_overrides(tree, overrides), tuple(overrides))

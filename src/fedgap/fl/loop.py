@@ -33,7 +33,7 @@ import torch
 from fedgap import __version__, seeding
 from fedgap.config import RESULT_NEUTRAL, Config, config_hash, config_to_dict, dump_yaml, results_hash
 from fedgap.data.datasets import Dataset, load_dataset
-from fedgap.data.partition import partition_for
+from fedgap.data.partition import partition_for, validation_rows
 from fedgap.engines import Engine, RoundOutput, engine_class
 from fedgap.errors import FedgapError
 from fedgap.fl import outputs
@@ -107,6 +107,9 @@ class Experiment:
         self.data = load_dataset(cfg.data.name, cfg.data.root)
         d = cfg.data
         self.parts = partition_for(d, self.data.train_y.numpy(), cfg.seed)
+        # Held-out training rows (data.validation): what selection (the doctor's tuning) reads, never the test set.
+        val = torch.from_numpy(validation_rows(d, self.data.train_y.numpy(), cfg.seed))
+        self.val_x, self.val_y = self.data.train_x[val], self.data.train_y[val]
         if self.out is not None:
             self._lock = outputs.prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         model = initial_model(cfg, self.data)
@@ -202,6 +205,7 @@ class Experiment:
         diverged = not all(torch.isfinite(v).all() for v in self.state.values() if v.is_floating_point())
         evaluated = r % cfg.eval.every == 0 or r == cfg.server.rounds or diverged
         test = self.engine.evaluate_test(self.state) if evaluated else None
+        val = self.engine.evaluate(self.state, self.val_x, self.val_y) if evaluated and len(self.val_y) else None
         row: dict[str, Any] = {
             "round": r,
             "test_accuracy": test.accuracy if test else None,
@@ -214,6 +218,9 @@ class Experiment:
             "clients_failed": len(output.failures),
             "train_seconds": train_seconds,
         }
+        if len(self.val_y):
+            row["val_accuracy"] = val.accuracy if val else None
+            row["val_loss"] = val.loss if val else None
         if diverged:
             row["diverged"] = True
         if cfg.model.norm_policy == "local":
@@ -315,6 +322,10 @@ class Experiment:
             "config_hash": results_hash(self.cfg),
             "fedgap_version": __version__,
         }
+        if len(self.val_y):
+            vals = [r["val_accuracy"] for r in self.rows if r.get("val_accuracy") is not None]
+            summary["final_val_accuracy"] = vals[-1] if vals else None
+            summary["best_val_accuracy"] = max(vals) if vals else None
         if self.cfg.model.norm_policy == "local":
             personal = [r["personal_accuracy"] for r in self.rows if r.get("personal_accuracy") is not None]
             summary["final_personal_accuracy"] = personal[-1] if personal else None

@@ -56,7 +56,8 @@ def _num(x, fmt="{:.2f}") -> str:
 
 def _table(res) -> str:
     head = ('<tr><th>#</th><th class="l">variant</th><th class="l">cause</th>'
-            f"<th>final accuracy (last {LATE_EVALS} evaluations)</th><th>last evaluation</th><th>best accuracy</th>"
+            f"<th>validation accuracy (selects)</th>"
+            f"<th>test accuracy (last {LATE_EVALS} evaluations)</th><th>last evaluation</th><th>best accuracy</th>"
             "<th>gap (pp)</th><th>gap, equal samples (pp)</th><th>gap closed</th><th>rounds to target</th>"
             "<th>wall time (s)</th></tr>")
     body = []
@@ -67,17 +68,37 @@ def _table(res) -> str:
             reach = "-"
         closed = "-" if r.gap_closed is None else f"{100 * r.gap_closed:.0f}%"
         label = _e(r.label) + (f'<div class="muted"><code>{_e(r.changes)}</code></div>' if r.changes else "")
+        if r.searched:
+            label += f'<div class="muted">chosen from {_e(r.searched)}</div>'
+        if res.recommended is not None and r.variant == res.recommended.key:
+            label = "<b>recommended</b>: " + label
         if r.error:
             label += f'<div class="muted">failed: {_e(r.error)}</div>'
         elif r.diverged:
             label += f'<div class="muted">{_e(status(r).strip(" ()"))}: stopped at the first non-finite model</div>'
         body.append(
             f'<tr class="{_e(r.variant)}"><td>{i}</td><td class="l">{label}</td><td class="l">{_e(r.cause or "-")}</td>'
+            f"<td>{fmt_pct(r.final_val_accuracy)}</td>"
             f"<td>{fmt_pct(r.final_test_accuracy, r.final_std)}</td><td>{fmt_pct(r.last_test_accuracy)}</td>"
             f"<td>{fmt_pct(r.best_test_accuracy, r.best_std)}"
             f"</td><td>{_num(r.gap_pp)}</td><td>{_num(r.gap_equal_samples_pp)}</td><td>{closed}</td>"
             f"<td>{reach}</td><td>{_num(r.wall_seconds, '{:.0f}')}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _tuning(res) -> str:
+    """How the remedies were tuned: the stated budget, what was spent, the recommended file."""
+    b = res.budget
+    if not b:
+        return ""
+    rec = ""
+    if res.recommended is not None:
+        rec = (f" The winner is written to <code>recommended.yaml</code> (<code>fedgap run recommended.yaml</code>): "
+               f"<code>{_e(' '.join(res.recommended.overrides) or 'your setting unchanged')}</code>.")
+    return (f"<p>Every remedy was tuned on the validation split by successive halving: {_e(b['candidates'])} "
+            f"candidates, compared after {_e(', '.join(str(r) for r in b['rungs']))} rounds, the best third kept "
+            f"at each rung; budget {_e(b['planned_rounds'])} training rounds, {_e(b.get('trained_rounds', '-'))} "
+            f"trained.{rec}</p>")
 
 
 def _setting(cfg) -> str:
@@ -94,15 +115,14 @@ def render(res) -> str:
     cfg = naive_rec.spec.cfg
     by = {r.variant: r for r in res.rows}
     central, naive = by.get("central"), by.get("naive")
-    best = max((r for r in res.rows if r.variant not in ("central", "naive") and r.final_test_accuracy is not None),
-               key=lambda r: r.final_test_accuracy, default=None)
+    best = by.get(res.recommended.key) if res.recommended is not None else None  # chosen on validation
     cards = [
         ("centralized", fmt_pct(central.final_test_accuracy if central else None)),
         ("naive federated", fmt_pct(naive.final_test_accuracy if naive else None)),
         ("naive gap", f"{_num(naive.gap_pp if naive else None)} pp"),
     ]
     if best is not None:
-        cards.append((f"best: {best.label}", f"{fmt_pct(best.final_test_accuracy)}"
+        cards.append((f"recommended: {best.label}", f"{fmt_pct(best.final_test_accuracy)}"
                       + (f" <span class='muted'>({100 * best.gap_closed:.0f}% closed)</span>"
                          if best.gap_closed is not None else "")))
     cards_html = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>'
@@ -150,8 +170,10 @@ def render(res) -> str:
 <p class="muted">Seed 0 of every variant. Colours: red = naive, black dashed = centralized, blue = normalization,
 green = client drift, purple = server optimizer, orange = regularization, brown = combination.</p>
 <h2>Gap to centralized training</h2>{gap_img}
-<h2>Ranking</h2>{_table(res)}
-<p class="muted">Final accuracy = the mean of a run's last {LATE_EVALS} evaluations (under label skew the global
+<h2>Ranking</h2>{_tuning(res)}{_table(res)}
+<p class="muted">Ranked by validation accuracy (data.validation, held out of the training set before
+partitioning): the only number the doctor chooses by. Test accuracy = the mean of a run's last {LATE_EVALS}
+evaluations (under label skew the global
 model swings from one evaluation to the next, so one evaluation does not rank remedies); last evaluation shown
 beside it. Gap = centralized final accuracy minus the variant's final accuracy. Equal samples: against the
 centralized run after as many training samples as the variant processed. Gap closed = share of the naive gap.

@@ -1,0 +1,123 @@
+"""Fair tuning: every remedy at its own best hyper-parameters, chosen by synchronous successive halving on the
+validation split (Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband's inner loop).
+
+All candidates of every search (a remedy's grid of hyper-parameter values) train for the first rung's rounds;
+each search keeps the best 1/keep of its candidates by validation score; those continue to the next rung, and
+so on until the last rung (the preset's rounds). The score is the mean validation accuracy of a run's last
+``LATE_EVALS`` evaluations (one evaluation swings by 10 pp under label skew), never a test number. A
+continuing candidate is the same run extended (the pool resumes it from its checkpoint), so halving costs no
+repeated rounds.
+
+Why not an asynchronous pruner (Optuna's SuccessiveHalvingPruner, Ray Tune's ASHA): they decide on each
+trial as its results arrive, so with runs in parallel the choice depends on which finished first, and the same
+seed would not give the same recommendation. Synchronous rungs give the same choice on every machine and every
+rerun, and every rung's candidates run in parallel on the pool anyway; what is left to write is a sort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedgap.config import Config
+from fedgap.diagnose.gap import LATE_EVALS
+from fedgap.diagnose.pool import RunRecord, RunSpec, run_all
+from fedgap.diagnose.variants import Search
+
+
+def validation_score(record: RunRecord | None) -> float | None:
+    """Mean validation accuracy of the run's last LATE_EVALS evaluations; None for a failed or diverged run."""
+    if record is None or not record.ok or (record.summary or {}).get("diverged_at_round"):
+        return None
+    vals = [float(r["val_accuracy"]) for r in record.rows if r.get("val_accuracy") is not None]
+    return float(np.mean(vals[-LATE_EVALS:])) if vals else None
+
+
+@dataclass
+class Trial:
+    search: Search
+    index: int  # position in the search's grid
+    point: tuple[str, ...]
+    scores: dict[int, float | None] = field(default_factory=dict)  # rung rounds -> validation score
+    record: RunRecord | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.search.remedy.key}-{self.index}"
+
+    def rank_key(self, rounds: int) -> tuple:
+        score = self.scores.get(rounds)
+        return (score is None, -(score or 0.0), self.index)  # failed last; ties: grid order
+
+
+@dataclass
+class TuneResult:
+    search: Search
+    best: Trial
+    trials: list[Trial]
+    rounds_trained: int  # the search's total training rounds (extended runs counted once)
+
+    def searched(self) -> str:
+        return "; ".join(k.describe() for k in self.search.space) or "nothing to tune"
+
+
+def rungs_for(rungs: tuple[int, ...], rounds: int) -> list[int]:
+    """The preset's rungs below the run length, then the run length itself."""
+    return [r for r in rungs if r < rounds] + [rounds]
+
+
+def successive_halving(searches: list[Search], tree: dict, rungs: tuple[int, ...], keep: int, out: Path, *,
+                       rounds: int, jobs: int | None, show_progress: bool, title: str) -> dict[str, TuneResult]:
+    trials = {s.remedy.key: [Trial(s, i, p) for i, p in enumerate(s.grid)] for s in searches}
+    alive = {k: list(v) for k, v in trials.items()}
+    steps = rungs_for(rungs, rounds)
+    for level, length in enumerate(steps):
+        last = level == len(steps) - 1
+        # a search down to one candidate goes straight to the last rung: an intermediate score decides nothing
+        batch = [t for ts in alive.values() for t in ts if last or len(ts) > 1]
+        specs = [RunSpec(t.name, _at_length(t.search.candidate(tree, t.point), length)) for t in batch]
+        records = run_all(specs, out, jobs=jobs, show_progress=show_progress,
+                          title=f"{title}: rung {level + 1} of {len(steps)} ({length} rounds)")
+        for t, rec in zip(batch, records, strict=True):
+            t.record, t.scores[length] = rec, validation_score(rec)
+        if not last:
+            for key, ts in alive.items():
+                if len(ts) > 1:
+                    ts.sort(key=lambda t, n=length: t.rank_key(n))
+                    alive[key] = ts[: max(1, len(ts) // keep)]
+    results = {}
+    for key, ts in alive.items():
+        best = min(ts, key=lambda t: t.rank_key(rounds))
+        trained = sum(max(t.scores, default=0) for t in trials[key])
+        results[key] = TuneResult(ts[0].search, best, trials[key], trained)
+    return results
+
+
+def _at_length(cfg: Config, rounds: int) -> Config:
+    copy = cfg.model_copy(deep=True)
+    copy.server.rounds = rounds
+    return copy
+
+
+def budget_rounds(searches: list[Search], rungs: tuple[int, ...], keep: int, rounds: int) -> int:
+    """Training rounds the halving will spend (before it runs: the stated budget)."""
+    steps = rungs_for(rungs, rounds)
+    total = 0
+    for s in searches:
+        n, done = len(s.grid), 0
+        if n == 1:
+            total += rounds
+            continue
+        for length in steps:
+            total += n * (length - done)
+            done = length
+            n = max(1, n // keep) if n > 1 else 1
+            if n == 1 and length != steps[-1]:
+                total += rounds - done
+                break
+    return total
+
+
+__all__ = ["TuneResult", "Trial", "budget_rounds", "successive_halving", "validation_score"]
