@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fedgap.config import load_config, results_hash
-from fedgap.fl.loop import Experiment
+from fedgap.experiment.loop import Experiment
 
 COMMON = ["model.name=cnn", "model.norm=none", "data.num_clients=100", "server.clients_per_round=10",
           "client.optimizer=sgd", "client.momentum=0", "client.batch_size=10", "eval.target=0.99",
@@ -37,6 +37,10 @@ ROWS: dict[str, tuple[int | None, list[str], int]] = {
                                  "server.lr=1.0"], 700),
     "E1-noniid-fedadam": (None, [*NON_IID, "client.epochs=1", "server.algorithm=fedadam", "server.lr=0.003"], 700),
     "E1-noniid-scaffold": (None, [*NON_IID, "client.epochs=1", "server.algorithm=scaffold"], 700),
+    # the label-skew remedy at its default tau 1 (balanced softmax), not tuned here; alone and under FedAdam
+    "E1-noniid-logit-adjust": (None, [*NON_IID, "client.epochs=1", "client.objective=logit_adjust"], 700),
+    "E1-noniid-logit-adjust-fedadam": (None, [*NON_IID, "client.epochs=1", "client.objective=logit_adjust",
+                                              "server.algorithm=fedadam", "server.lr=0.003"], 700),
 }
 
 

@@ -66,7 +66,7 @@ def run(cfg, rounds: int, on_round=None):
     """``rounds`` rounds; ``on_round(row)`` gets each round's timing row. Returns the rows."""
     from fedgap.data.datasets import load_dataset
     from fedgap.data.partition import partition_for
-    from fedgap.fl.loop import initial_model, sample_clients
+    from fedgap.experiment.loop import initial_model, sample_clients
 
     data = load_dataset(cfg.data.name, cfg.data.root)
     d = cfg.data

@@ -66,7 +66,7 @@ def child(kind: str, experiment: str, rounds: int, launched: float) -> dict:
         startup = (marks["first"] - imported) - rows[0]["seconds"]
         accuracy = rows[-1]["test_accuracy"]
     else:
-        from fedgap.fl.loop import Experiment
+        from fedgap.experiment.loop import Experiment
 
         exp = Experiment(cfg, None, show_progress=False)
         summary = exp.run()

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from fedgap.config import load_config
+from fedgap.experiment.loop import Experiment, initial_model
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, epoch_orders, local_update
-from fedgap.fl.loop import Experiment, initial_model
 from fedgap.fl.normpolicy import layer_input_moments, recalibrate
 from fedgap.models import build_model
 from fedgap.models.norm import batchnorm_modules

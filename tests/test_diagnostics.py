@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedgap.config import load_config
-from fedgap.diagnose.drift import bn_divergence, client_drift, gaussian_distance
+from fedgap.experiment.diagnostics import bn_divergence, client_drift, gaussian_distance
 from fedgap.fl.evaluate import evaluate
 from fedgap.fl.normpolicy import input_moments, layer_input_moments, recalibrate
 from fedgap.models import build_model
@@ -106,7 +106,7 @@ def test_train_mode_evaluation_touches_only_batchnorm(mnist):
 
 def test_diagnostics_columns_in_a_real_run(tmp_path, capsys):
     from conftest import FAST, cli
-    from fedgap.fl.outputs import read_metrics
+    from fedgap.experiment.outputs import read_metrics
 
     out = tmp_path / "run"
     code, _, err = cli("run", *FAST, "server.rounds=1", "eval.diagnostics=true", "--out", str(out), "--quiet",

@@ -17,7 +17,7 @@ from fedgap.diagnose import variants as V
 from fedgap.diagnose.diagnosis import write_diagnosis
 from fedgap.diagnose.gap import GapRow, accuracy_at_samples, gap_rows, status
 from fedgap.diagnose.pool import RunRecord, RunSpec
-from fedgap.fl.outputs import RunLock
+from fedgap.experiment.outputs import RunLock
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target"]
 

@@ -26,10 +26,10 @@ from fedgap.engines import engine_class
 from fedgap.engines.parallel import MAX_RESTARTS, ParallelEngine
 from fedgap.engines.schedule import balanced_groups, slice_bounds
 from fedgap.errors import FedgapError
+from fedgap.experiment.loop import Experiment
+from fedgap.experiment.outputs import read_metrics
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext
-from fedgap.fl.loop import Experiment
 from fedgap.fl.objectives import OBJECTIVES
-from fedgap.fl.outputs import read_metrics
 
 TIME_KEYS = {"seconds", "train_seconds"}
 pytestmark = pytest.mark.timeout(180)  # a hang is a failure, not a 10-minute wait

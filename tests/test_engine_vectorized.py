@@ -25,8 +25,8 @@ from fedgap.data.datasets import load_dataset
 from fedgap.engines.cohort_model import CohortModel, StepRows
 from fedgap.engines.vectorized import batch_table, num_steps, train_cohort
 from fedgap.errors import ConfigError
+from fedgap.experiment.loop import Experiment, initial_model
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext, client_objective, local_update
-from fedgap.fl.loop import Experiment, initial_model
 from fedgap.fl.objectives import OBJECTIVES
 from fedgap.models import build_model
 from fedgap.models.norm import float_norm_keys
@@ -223,7 +223,7 @@ def experiment(root, *extra, out=None, **kwargs):
 @pytest.fixture
 def float64_runs(monkeypatch):
     """Whole runs in float64: models are built in the default dtype, and the data set the loop loads is cast."""
-    import fedgap.fl.loop as loop
+    import fedgap.experiment.loop as loop
 
     load = loop.load_dataset
 
@@ -277,7 +277,7 @@ def test_cohorts_smaller_than_the_round_give_the_same_model(tiny_idx):
 
 
 def test_failing_clients_are_dropped_like_sequential(tiny_idx):
-    from fedgap.fl.loop import sample_clients
+    from fedgap.experiment.loop import sample_clients
 
     cfg = load_config(overrides=tiny_args(tiny_idx))
     sampled = sample_clients(cfg.seed, 1, 10, 4)

@@ -20,9 +20,9 @@ import torch
 from conftest import cli, cli_subprocess
 from fedgap.config import load_config
 from fedgap.errors import ConfigError
+from fedgap.experiment.loop import Experiment, sample_clients
+from fedgap.experiment.outputs import read_metrics
 from fedgap.fl.client import ClientTask, RoundContext
-from fedgap.fl.loop import Experiment, sample_clients
-from fedgap.fl.outputs import read_metrics
 
 ray = pytest.importorskip("ray")
 

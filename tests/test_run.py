@@ -12,7 +12,7 @@ import yaml
 
 from conftest import FAST, cli, cli_subprocess, tiny_args
 from fedgap.config import load_config
-from fedgap.fl.outputs import BASE_COLUMNS, read_metrics
+from fedgap.experiment.outputs import BASE_COLUMNS, read_metrics
 
 TIME_COLUMNS = {"seconds", "train_seconds"}
 
@@ -151,7 +151,7 @@ def test_too_few_surviving_clients_stop_with_a_resumable_checkpoint(tmp_path, ca
 
 
 def test_two_processes_never_work_in_one_run_folder(tmp_path, capsys):
-    from fedgap.fl.outputs import RunLock
+    from fedgap.experiment.outputs import RunLock
 
     out = tmp_path / "run"
     out.mkdir()

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import cli, tiny_args
 from fedgap.diagnose.sweep import grid, split_values
-from fedgap.fl.outputs import read_metrics
+from fedgap.experiment.outputs import read_metrics
 
 
 def test_commas_inside_brackets_stay_in_one_value():

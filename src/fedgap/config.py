@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from fedgap.engines import ENGINES
 from fedgap.errors import ConfigError
+from fedgap.fl.normpolicy import NORM_POLICIES
 from fedgap.fl.objectives import OBJECTIVES
 from fedgap.fl.presets import PRESETS
 from fedgap.fl.server import SERVER_OPTIMIZERS
@@ -25,10 +26,10 @@ from fedgap.fl.server import SERVER_OPTIMIZERS
 PartitionName = Literal["iid", "dirichlet", "shards", "quantity", "central"]
 ModelName = Literal["mobilenet-like", "mobilenet-v1", "mobilenet-v2", "cnn"]
 NormName = Literal["batch", "group", "layer", "instance", "none"]
-NormPolicy = Literal["average", "local", "recalibrate"]
 # The component names come from their registries (the single source): a new objective, server optimizer,
 # preset or engine is a valid config value, described in `fedgap keys`, by adding its registry line.
 ClientObjective = Literal[tuple(OBJECTIVES)]
+NormPolicy = Literal[tuple(NORM_POLICIES)]
 ServerOptimizer = Literal[tuple(SERVER_OPTIMIZERS)]
 EngineName = Literal[tuple(ENGINES)]
 Algorithm = Literal[tuple(PRESETS)]
@@ -105,7 +106,7 @@ class ServerConfig(_Section):
 
 # objective.<name>.<param>: each objective's own hyper-parameters, declared in its file (fedgap.fl.objectives).
 ObjectiveConfig = create_model(
-    "ObjectiveConfig", __base__=_Section,
+    "ObjectiveConfig", __base__=_Section, __module__=__name__,
     **{name: (cls.Params, Field(default_factory=cls.Params, description=cls.summary))
        for name, cls in OBJECTIVES.items() if cls.Params.model_fields and cls.own_section},
 )

@@ -34,7 +34,7 @@ from fedgap.diagnose.gap import GapRow, gap_rows, noise_pp
 from fedgap.diagnose.pool import RunRecord, RunSpec, run_all
 from fedgap.diagnose.tuning import TuneResult, budget_rounds, rungs_for, successive_halving, validation_score
 from fedgap.errors import ConfigError
-from fedgap.fl import outputs
+from fedgap.experiment import outputs
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_val_accuracy", "chosen",
                "searched", "final_std", "best_test_accuracy", "best_std", "gap_equal_samples_pp", "gap_closed",
@@ -318,14 +318,10 @@ def recommended_yaml(res: DoctorResult) -> str | None:
 
 
 def write_outputs(res: DoctorResult) -> None:
-    from fedgap.report.html import write_report
-    from fedgap.report.markdown import render_markdown
-
+    """The data files: gap.csv, recommended.yaml, summary.json (the documents, report.html and gap.md, are
+    rendered by ``fedgap.report.write_doctor_report``)."""
     outputs.atomic_write_text(res.out / "gap.csv", gap_csv(res.rows))
     recommended = recommended_yaml(res)
     if recommended is not None:
         outputs.atomic_write_text(res.out / RECOMMENDED, recommended)
-    outputs.atomic_write_text(res.out / "gap.md", render_markdown(res))
-    summary = summary_dict(res)
-    outputs.write_json(res.out / "summary.json", summary)
-    write_report(res, res.out / "report.html")
+    outputs.write_json(res.out / "summary.json", summary_dict(res))

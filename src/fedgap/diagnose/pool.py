@@ -27,7 +27,7 @@ from typing import Any
 
 from fedgap.config import RESULT_NEUTRAL, Config, config_from_dict, config_hash, config_to_dict, read_yaml, results_hash
 from fedgap.errors import FedgapError
-from fedgap.fl import outputs
+from fedgap.experiment import outputs
 from fedgap.progress import console, make_progress
 from fedgap.runtime import die_with_parent
 
@@ -161,7 +161,7 @@ class _Reporter:
 def execute(name: str, cfg_tree: dict[str, Any], run_dir: str, diagnostics: bool, threads: int | None = None,
             progress_queue=None) -> dict[str, Any]:
     """Run (or resume) one experiment in this process; returns its summary."""
-    from fedgap.fl.loop import Experiment
+    from fedgap.experiment.loop import Experiment
 
     cfg = config_from_dict(cfg_tree)
     if diagnostics:

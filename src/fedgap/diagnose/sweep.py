@@ -15,14 +15,11 @@ import itertools
 import re
 from pathlib import Path
 
-import click
-from rich.table import Table
-
 from fedgap.config import load_config
-from fedgap.diagnose.gap import LATE_EVALS, first_round_at, fmt_pct, late_accuracy
+from fedgap.diagnose.gap import first_round_at, late_accuracy
 from fedgap.diagnose.pool import RunSpec, run_all
 from fedgap.errors import ConfigError
-from fedgap.fl import outputs
+from fedgap.experiment import outputs
 
 COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds_to_target", "seconds_per_round", "wall_seconds",
            "diverged_at_round"]
@@ -66,31 +63,18 @@ def slug(items: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "point"
 
 
-@click.command(epilog="Values separated by commas make a grid axis; a single value is a plain override.")
-@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=V1,V2 ...]...")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sweep"), show_default=True,
-              help="Folder for sweep.csv, sweep.png, summary.json and the cached runs.")
-@click.option("--jobs", type=click.IntRange(1, 64), default=None, help="Runs at once (default: one per core).")
-@click.option("--quiet", is_flag=True, help="No progress display.")
-def sweep(args, out, jobs, quiet):
-    """Run a grid of experiments (cached and resumable like the doctor) and compare them."""
-    from fedgap.cli import err_console, out_console, split_config_args
-
-    path, overrides = split_config_args(args)
+def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | None = None,
+              show_progress: bool = True, command: str = "fedgap sweep") -> tuple[list[str], list[dict], list]:
+    """Run the grid (every point validated before anything runs), write sweep.csv and summary.json, and return
+    (swept keys, one row per run, best final accuracy first, [(spec, record)])."""
     keys, points = grid(overrides)
     specs = []
     for point in points:
-        cfg = load_config(path, point)  # every point validated before anything runs
+        cfg = load_config(path, point)
         swept = [p for p in point if p.split("=", 1)[0] in keys]
         specs.append(RunSpec(slug(swept), cfg))
     outputs.prepare_dir(out)
-    records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=not quiet)
-
-    table = Table(title=f"fedgap sweep: {len(records)} runs", title_justify="left")
-    for k in keys:
-        table.add_column(k)
-    for col in ("final acc", f"last-{LATE_EVALS} mean", "best acc", "rounds to target", "s/round"):
-        table.add_column(col, justify="right")
+    records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=show_progress)
     rows = []
     for spec, point, rec in zip(specs, points, records, strict=True):
         values = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in point}
@@ -103,25 +87,11 @@ def sweep(args, out, jobs, quiet):
         row["error"] = rec.error
         rows.append(row)
     rows.sort(key=lambda r: -(r["final_test_accuracy"] or -1))
-    for r in rows:
-        table.add_row(*[str(r[k]) for k in keys], fmt_pct(r["final_test_accuracy"]), fmt_pct(r["late_test_accuracy"]),
-                      fmt_pct(r["best_test_accuracy"]),
-                      "not reached" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
-                      "-" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.2f}",
-                      style="red" if r["error"] else None)
-    out_console.print(table)
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*keys, *COLUMNS, "late_test_accuracy", "run_dir", "error"],
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
     outputs.atomic_write_text(out / "sweep.csv", buf.getvalue())
-    from fedgap.report.plots import save, sweep_figure
-
-    curves = [(spec.name, [(r["round"], r["test_accuracy"]) for r in rec.rows if r.get("test_accuracy") is not None])
-              for spec, rec in zip(specs, records, strict=True)]
-    save(sweep_figure(curves), out / "sweep.png")
-    outputs.write_json(out / "summary.json", {"keys": keys, "points": rows, "command": " ".join(["fedgap", "sweep",
-                                                                                                 *args])})
-    err_console.print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}", highlight=False)
+    outputs.write_json(out / "summary.json", {"keys": keys, "points": rows, "command": command})
+    return keys, rows, list(zip(specs, records, strict=True))

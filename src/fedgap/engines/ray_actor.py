@@ -12,7 +12,6 @@ import os
 import numpy as np
 import torch
 
-from fedgap.config import config_from_dict
 from fedgap.engines.results import RoundOutput
 from fedgap.engines.runner import ClientRunner
 from fedgap.errors import FedgapError
@@ -89,10 +88,10 @@ class ClientActor:
         return self._cache[name][1]
 
     def prepare(self, spec_box: list) -> ClientRunner:
-        cfg_dict, hp, threads = self._fetch("spec", spec_box[0])
+        cfg, hp, threads = self._fetch("spec", spec_box[0])
         if self._built != spec_box[0].hex():
             torch.set_num_threads(threads)
-            self.runner = ClientRunner(config_from_dict(cfg_dict), None, hp)
+            self.runner = ClientRunner(cfg, None, hp)
             self._built = spec_box[0].hex()
         return self.runner
 

@@ -41,7 +41,6 @@ from collections import deque
 
 import torch
 
-from fedgap.config import config_to_dict
 from fedgap.engines import ray_actor
 from fedgap.engines.base import Engine, RoundOutput
 from fedgap.engines.ray_actor import ClientActor, import_ray, init_local_ray
@@ -139,7 +138,7 @@ class RayEngine(Engine):
     def _start_actors(self, n: int) -> None:
         ray, e = self._ray, self.cfg.engine
         threads = max(1, int(e.cpus_per_client))
-        self._spec = [ray.put((config_to_dict(self.cfg), self.hp, threads))]
+        self._spec = [ray.put((self.cfg, self.hp, threads))]  # the Config pickles as it is
         self._pool_key = None if self._owns_ray else ray_actor.pool_key(ray, e.cpus_per_client, e.gpus_per_client)
         self._actors = ray_actor.take_pooled(ray, self._pool_key, n) if self._pool_key else []
         remote = ray.remote(max_restarts=-1, max_task_retries=0)(ClientActor)

@@ -45,6 +45,7 @@ from fedgap.fl.client import (
     raise_if_injected,
     start_state,
 )
+from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.objectives import ClientSetup
 from fedgap.models import build_model
 from fedgap.runtime import tune_allocator
@@ -172,8 +173,7 @@ def train_cohort(cm: CohortModel, x: torch.Tensor, y: torch.Tensor, ctx: RoundCo
         new_own, upload = outcome.client(k)
         upload = {name: v.to("cpu", copy=True) for name, v in upload.items()}  # copies: not views of the stack
         own = {"objective": {name: v.to("cpu", copy=True) for name, v in new_own.items()}} if new_own else {}
-        if hp.norm_policy == "local" and hp.norm_keys:
-            own["norm"] = {name: final[name] for name in hp.norm_keys if name in final}
+        own.update(norm_policy(hp.norm_policy).client_keeps(final, hp.norm_keys))
         samples = n * hp.epochs
         results.append(ClientResult(
             client_id=task.client_id, num_samples=n, state=final, train_loss=float(loss_sum[k]) / max(samples, 1),

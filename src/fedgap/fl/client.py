@@ -20,6 +20,7 @@ import torch
 
 from fedgap import seeding
 from fedgap.fl.augment import random_affine
+from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.objectives import OBJECTIVES, ClientSetup, Objective, make_objective
 from fedgap.fl.state import State
 
@@ -101,9 +102,7 @@ def raise_if_injected(task: ClientTask, hp: ClientHParams) -> None:
 
 def start_state(ctx: RoundContext, task: ClientTask, hp: ClientHParams) -> State:
     """The global state, with this client's own norm layers under the ``local`` (FedBN) policy."""
-    if hp.norm_policy == "local" and task.own.get("norm"):
-        return {**ctx.global_state, **task.own["norm"]}
-    return ctx.global_state
+    return norm_policy(hp.norm_policy).client_start(ctx.global_state, task.own)
 
 
 def load_state(model: torch.nn.Module, state: State) -> None:
@@ -206,8 +205,7 @@ def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: 
     own: dict[str, State] = {}
     if new_own:
         own["objective"] = new_own
-    if hp.norm_policy == "local" and hp.norm_keys:
-        own["norm"] = {k: final[k] for k in hp.norm_keys if k in final}
+    own.update(norm_policy(hp.norm_policy).client_keeps(final, hp.norm_keys))
     samples = n * hp.epochs
     return ClientResult(
         client_id=task.client_id, num_samples=n, state=final, train_loss=float(loss_sum) / max(samples, 1),

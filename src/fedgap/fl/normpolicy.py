@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +101,63 @@ def recalibrate(state: State, bn_layers: list[str],
         state[f"{layer}.running_mean"] = total.mean.to(ref.dtype)
         state[f"{layer}.running_var"] = total.var.to(ref.dtype)
     return state
+
+
+class AveragePolicy:
+    """``average``: norm layers are shared and averaged like every other layer (the naive baseline)."""
+
+    name = "average"
+    personal = False  # whether clients have personalized models worth evaluating (FedBN)
+
+    def stepped(self, param_keys: list[str], norm_keys: set[str]) -> list[str]:
+        """The parameters the server optimizer steps."""
+        return list(param_keys)
+
+    def client_start(self, global_state: State, own: Mapping[str, State]) -> State:
+        """The state a client starts its round from."""
+        return global_state
+
+    def client_keeps(self, final: State, norm_keys: frozenset[str]) -> dict[str, State]:
+        """What a client keeps for its next round, besides its objective's state."""
+        return {}
+
+    def after_aggregation(self, state: State, moments_of: Callable[[State, str], list[Moments]],
+                          bn_layers: list[str]) -> State:
+        """The global state once the server has aggregated the round."""
+        return state
+
+
+class LocalPolicy(AveragePolicy):
+    """``local`` (FedBN): every client keeps its norm layers; the global norm layers are the clients' weighted
+    mean (never a server-optimizer step), used to evaluate the global model."""
+
+    name = "local"
+    personal = True
+
+    def stepped(self, param_keys, norm_keys):
+        return [k for k in param_keys if k not in norm_keys]
+
+    def client_start(self, global_state, own):
+        return {**global_state, **own["norm"]} if own.get("norm") else global_state
+
+    def client_keeps(self, final, norm_keys):
+        return {"norm": {k: final[k] for k in norm_keys if k in final}} if norm_keys else {}
+
+
+class RecalibratePolicy(AveragePolicy):
+    """``recalibrate``: exact federated BatchNorm statistics of the global model after each aggregation."""
+
+    name = "recalibrate"
+
+    def after_aggregation(self, state, moments_of, bn_layers):
+        return recalibrate(state, bn_layers, moments_of) if bn_layers else state
+
+
+NORM_POLICIES: dict[str, type[AveragePolicy]] = {p.name: p for p in (AveragePolicy, LocalPolicy, RecalibratePolicy)}
+
+
+def norm_policy(name: str) -> AveragePolicy:
+    return NORM_POLICIES[name]()
 
 
 def sum_moments(moments: list[Moments]) -> Moments:

@@ -43,9 +43,11 @@ class ServerOptimizer:
         return {}
 
     def step(self, params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-             state: State) -> tuple[State, State]:
-        """Return (new params, new optimizer state); inputs are not modified."""
-        return {k: params[k] + self.lr * delta[k] for k in params}, state
+             state: State, lr: float | None = None) -> tuple[State, State]:
+        """Return (new params, new optimizer state); inputs are not modified. ``lr`` overrides server.lr for
+        this step (a schedule)."""
+        lr = self.lr if lr is None else lr
+        return {k: params[k] + lr * delta[k] for k in params}, state
 
 
 class MomentumServer(ServerOptimizer):
@@ -55,9 +57,10 @@ class MomentumServer(ServerOptimizer):
     def init(self, params):
         return {f"v.{k}": torch.zeros_like(p) for k, p in params.items()}
 
-    def step(self, params, delta, state):
+    def step(self, params, delta, state, lr=None):
+        lr = self.lr if lr is None else lr
         new_state = {f"v.{k}": self.momentum * state[f"v.{k}"] + delta[k] for k in params}
-        return {k: params[k] + self.lr * new_state[f"v.{k}"] for k in params}, new_state
+        return {k: params[k] + lr * new_state[f"v.{k}"] for k in params}, new_state
 
 
 class _AdaptiveServer(ServerOptimizer, ABC):
@@ -72,7 +75,8 @@ class _AdaptiveServer(ServerOptimizer, ABC):
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         """The variant's rule for v given the squared pseudo-gradient d2."""
 
-    def step(self, params, delta, state):
+    def step(self, params, delta, state, lr=None):
+        lr = self.lr if lr is None else lr
         new_state: State = {}
         out: State = {}
         for k, x in params.items():
@@ -80,7 +84,7 @@ class _AdaptiveServer(ServerOptimizer, ABC):
             m = self.beta1 * state[f"m.{k}"] + (1 - self.beta1) * d
             v = self.second_moment(state[f"v.{k}"], d * d)
             new_state[f"m.{k}"], new_state[f"v.{k}"] = m, v
-            out[k] = x + self.lr * m / (v.sqrt() + self.tau)
+            out[k] = x + lr * m / (v.sqrt() + self.tau)
         return out, new_state
 
 

@@ -7,27 +7,15 @@ bookkeeping that no averaging makes sense for, so they stay as the global model 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 State = dict[str, torch.Tensor]
 
 
-def float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in state.items() if v.is_floating_point()]
-
-
 def clone(state: Mapping[str, torch.Tensor]) -> State:
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def subset(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:
-    return {k: state[k] for k in keys}
-
-
-def zeros_like(state: Mapping[str, torch.Tensor]) -> State:
-    return {k: torch.zeros_like(v) for k, v in state.items()}
 
 
 def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float], *,
@@ -46,12 +34,3 @@ def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float]
             acc.add_(s[key].to(torch.float64), alpha=w / total)
         out[key] = acc if keep_float64 else acc.to(states[0][key].dtype)
     return out
-
-
-def flatten(state: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> torch.Tensor:
-    keys = list(state) if keys is None else list(keys)
-    return torch.cat([state[k].reshape(-1).to(torch.float32) for k in keys]) if keys else torch.zeros(0)
-
-
-def nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())

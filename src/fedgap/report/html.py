@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 
 from fedgap.diagnose.gap import LATE_EVALS, fmt_pct, status
-from fedgap.fl import outputs
+from fedgap.experiment import outputs
 from fedgap.report import plots
 
 CSS = """
@@ -180,7 +180,7 @@ centralized run after as many training samples as the variant processed. Gap clo
 Rounds to target: first evaluated round at {fmt_pct(res.target)} ({_e(res.target_source)}).</p>
 <h2>Diagnostics of the naive run</h2>{diag_img}
 <p class="muted">Measured on the global model at each evaluation round (definitions in
-<code>fedgap.diagnose.drift</code>).</p>
+<code>fedgap.experiment.diagnostics</code>).</p>
 <h2>Partition</h2>
 <p>{_e(p['clients'])} clients; samples per client {_e(p['samples_min'])} / {p['samples_median']:.0f} /
 {_e(p['samples_max'])} (min / median / max); labels per client {p['classes_per_client_mean']:.2f} on average;

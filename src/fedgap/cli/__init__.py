@@ -10,41 +10,11 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from fedgap import __version__
+from fedgap.cli.console import CONFIG_HELP, err_console, load, out_console, split_config_args
 from fedgap.errors import FedgapError
-
-out_console = Console()
-err_console = Console(stderr=True)
-
-CONFIG_HELP = (
-    "CONFIG is an optional YAML file; OVERRIDES are dotted key=value pairs applied after it, e.g. "
-    "data.partition=dirichlet data.alpha=0.1 server.algorithm=fedprox. `fedgap keys` lists every key."
-)
-
-
-def split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
-    """The first argument without '=' is the config file; the rest are overrides."""
-    path, overrides = None, []
-    for arg in args:
-        if "=" not in arg and path is None and not overrides:
-            path = arg
-        elif "=" not in arg:
-            raise FedgapError(f"argument '{arg}': expected key=value (only the first argument may be a config file)")
-        else:
-            overrides.append(arg)
-    return path, overrides
-
-
-def load(args: tuple[str, ...], base: Path | None = None):
-    from fedgap.config import load_config
-
-    path, overrides = split_config_args(args)
-    if path is None and base is not None and base.exists():
-        path = str(base)
-    return load_config(path, overrides)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -71,7 +41,7 @@ def cli() -> None:
 def run(args, out, resume, overwrite, quiet):
     """Run one experiment and write config.yaml, metrics.csv, summary.json and a checkpoint to --out."""
     from fedgap.config import results_hash
-    from fedgap.fl.loop import Experiment
+    from fedgap.experiment.loop import Experiment
 
     if resume and out is None:
         raise FedgapError("--resume: needs --out DIR (the folder of the run to continue)")
@@ -162,21 +132,17 @@ def keys(args, resolved, markdown):
     out_console.print(table)
 
 
-def _register_optional_commands() -> None:
-    """Commands living in their own modules (doctor, sweep) register themselves on the group."""
-    import importlib
+def _register_commands() -> None:
+    """Commands living in their own modules (doctor, sweep)."""
+    from fedgap.cli.doctor import doctor
+    from fedgap.cli.sweep import sweep
 
-    for module in ("fedgap.diagnose.commands",):
-        try:
-            importlib.import_module(module).register(cli)
-        except ModuleNotFoundError as exc:
-            # Only a missing command module (or its package) is optional; any other import error is a bug.
-            if exc.name is None or not module.startswith(exc.name):
-                raise
+    cli.add_command(doctor)
+    cli.add_command(sweep)
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register_optional_commands()
+    _register_commands()
     try:
         cli.main(args=argv, prog_name="fedgap", standalone_mode=False)
     except click.exceptions.Abort:
@@ -198,3 +164,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+__all__ = ["CONFIG_HELP", "cli", "err_console", "load", "main", "out_console", "split_config_args"]

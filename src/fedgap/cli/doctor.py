@@ -1,4 +1,4 @@
-"""``fedgap doctor`` and ``fedgap sweep``: parse, call, print (registered on the CLI group by fedgap.cli)."""
+"""``fedgap doctor``: parse, call, write the report, print."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 from rich import box
 from rich.table import Table
 
-from fedgap.errors import FedgapError
+from fedgap.cli.console import err_console, out_console, split_config_args
 
 EPILOG = ("CONFIG is an optional YAML file; OVERRIDES are dotted key=value pairs applied after it. "
           "`fedgap keys` lists every key.")
@@ -57,8 +57,8 @@ def doctor(args, preset, seeds, out, jobs, target, remedies, quiet):
     Nothing is chosen on test accuracy. Runs are cached in OUT/runs by config hash: an interrupted doctor
     resumes, a repeated one reuses them.
     """
-    from fedgap.cli import err_console, out_console, split_config_args
     from fedgap.diagnose.doctor import run_doctor
+    from fedgap.report import write_doctor_report
 
     path, overrides = split_config_args(args)
     command = _command("doctor", args, preset=preset, seeds=seeds if seeds != 1 else None, out=out,
@@ -66,6 +66,7 @@ def doctor(args, preset, seeds, out, jobs, target, remedies, quiet):
     res = run_doctor(path, overrides, preset=preset, seeds=seeds, out=out, jobs=jobs, target=target,
                      show_progress=not quiet, command=command,
                      remedies=tuple(remedies.split(",")) if remedies else None)
+    write_doctor_report(res)
     out_console.print(gap_table(res))
     for f in res.findings:
         if f.kind in ("cause", "remedy"):
@@ -105,11 +106,4 @@ def gap_table(res) -> Table:
     return table
 
 
-def register(cli: click.Group) -> None:
-    from fedgap.diagnose.sweep import sweep
-
-    cli.add_command(doctor)
-    cli.add_command(sweep)
-
-
-__all__ = ["FedgapError", "doctor", "register"]
+__all__ = ["doctor", "gap_table"]

@@ -36,12 +36,13 @@ from fedgap.data.datasets import Dataset, load_dataset
 from fedgap.data.partition import partition_for, validation_rows
 from fedgap.engines import Engine, RoundOutput, engine_class
 from fedgap.errors import FedgapError
-from fedgap.fl import outputs
+from fedgap.experiment import outputs
+from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
-from fedgap.fl.evaluate import EvalResult, evaluate, label_matched_subset
-from fedgap.fl.normpolicy import recalibrate
+from fedgap.fl.evaluate import evaluate, label_matched_subset
+from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.server import make_server_optimizer, server_lr
-from fedgap.fl.state import State, clone, weighted_mean
+from fedgap.fl.state import State, clone
 from fedgap.models import build_model
 from fedgap.models.norm import batchnorm_modules, float_norm_keys
 from fedgap.progress import RunProgress
@@ -96,7 +97,7 @@ class Experiment:
         self.resume = resume
         self.callbacks = list(callbacks)
         if cfg.eval.diagnostics:
-            from fedgap.diagnose.drift import Diagnostics
+            from fedgap.experiment.diagnostics import Diagnostics
 
             self.callbacks.append(Diagnostics())
         self.label = label or ("central" if cfg.data.partition == "central" else cfg.server.algorithm)
@@ -118,8 +119,8 @@ class Experiment:
         self.norm_keys = float_norm_keys(model)
         # What the server optimizer steps. Under the local policy (FedBN) the global norm layers only serve the
         # global model's evaluation and are their clients' weighted mean, like the running statistics.
-        local_norm = cfg.model.norm_policy == "local"
-        self.server_keys = [k for k in self.param_keys if not (local_norm and k in self.norm_keys)]
+        self.norm_policy = norm_policy(cfg.model.norm_policy)
+        self.server_keys = self.norm_policy.stepped(self.param_keys, self.norm_keys)
         self.hp = ClientHParams.from_config(cfg, self.norm_keys, self.data.num_classes)
         self.objective = client_objective(self.hp)
         self.server_opt = make_server_optimizer(cfg.server)
@@ -130,6 +131,8 @@ class Experiment:
         self.server_state: State = self.server_opt.init({k: params[k].double() for k in self.server_keys})
         self.objective_state: State = self.objective.server_init(params)
         self.client_store: dict[int, dict[str, State]] = {}
+        self.components = ServerComponents(self.server_opt, self.objective, tuple(self.server_keys),
+                                           cfg.data.num_clients)
         self.rows: list[dict[str, Any]] = []
         self.round = 0
         self.wall_seconds = 0.0
@@ -197,8 +200,9 @@ class Experiment:
             )
         previous = self.state
         self.state = self._aggregate(output.results)
-        if cfg.model.norm_policy == "recalibrate" and self.bn_layers:
-            self.state = self._recalibrate(self.state, [self.parts[res.client_id] for res in output.results])
+        parts = [self.parts[res.client_id] for res in output.results]
+        self.state = self.norm_policy.after_aggregation(
+            self.state, lambda st, layer: self.engine.layer_moments(st, layer, parts), self.bn_layers)
 
         # A non-finite weight never recovers: stop here (evaluated, so the row shows it) instead of spending
         # the remaining rounds on NaN.
@@ -223,7 +227,7 @@ class Experiment:
             row["val_loss"] = val.loss if val else None
         if diverged:
             row["diverged"] = True
-        if cfg.model.norm_policy == "local":
+        if self.norm_policy.personal:
             row["personal_accuracy"] = self._personal_accuracy(output.results) if evaluated else None
         info = RoundInfo(r, self, tasks, output, previous, self.state, evaluated, row)
         for callback in self.callbacks:
@@ -240,29 +244,10 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------------ server
     def _aggregate(self, results: list[ClientResult]) -> State:
-        # In float64: x + 1.0 * (mean - x) == mean exactly, so FedAvg with one client is that client's model.
-        weights = [float(res.num_samples) for res in results]
-        mean = weighted_mean([res.state for res in results], weights, keep_float64=True)
-        params = {k: self.state[k].double() for k in self.server_keys}
-        delta = {k: mean[k] - params[k] for k in self.server_keys}
-        self.server_opt.lr = server_lr(self.cfg.server, self.round + 1)
-        new_params, self.server_state = self.server_opt.step(params, delta, self.server_state)
-        uploads = [res.upload for res in results if res.upload]
-        self.objective_state = self.objective.server_update(self.objective_state, uploads,
-                                                            self.cfg.data.num_clients)
-        new_params = self.objective.server_model(new_params, self.objective_state)  # FedDyn: - h / alpha
-        new_state = dict(self.state)
-        for k, v in mean.items():  # floating buffers (and FedBN's norm layers): the weighted client mean
-            new_state[k] = v.to(self.state[k].dtype)
-        for k, v in new_params.items():  # parameters: the server optimizer's step
-            new_state[k] = v.to(self.state[k].dtype)
-        for res in results:
-            if res.own:
-                self.client_store.setdefault(res.client_id, {}).update(res.own)
-        return new_state
-
-    def _recalibrate(self, state: State, parts: list[np.ndarray]) -> State:
-        return recalibrate(state, self.bn_layers, lambda st, layer: self.engine.layer_moments(st, layer, parts))
+        before = ServerState(self.state, self.server_state, self.objective_state, self.client_store)
+        after = server_update(before, results, self.components, server_lr(self.cfg.server, self.round + 1))
+        self.server_state, self.objective_state, self.client_store = after.optimizer, after.objective, after.clients
+        return after.model
 
     def _personal_accuracy(self, results: list[ClientResult]) -> float:
         """FedBN: each sampled client's own model (global weights, its norm layers) on a test subset drawn
@@ -292,9 +277,6 @@ class Experiment:
     def diverged_at(self) -> int | None:
         """The round after which the global model held a non-finite weight (the run stopped there), or None."""
         return next((r["round"] for r in self.rows if r.get("diverged")), None)
-
-    def evaluate_global(self) -> EvalResult:
-        return self.engine.evaluate_test(self.state)
 
     def summary(self) -> dict[str, Any]:
         accs = [(r["round"], r["test_accuracy"]) for r in self.rows if r.get("test_accuracy") is not None]
@@ -326,7 +308,7 @@ class Experiment:
             vals = [r["val_accuracy"] for r in self.rows if r.get("val_accuracy") is not None]
             summary["final_val_accuracy"] = vals[-1] if vals else None
             summary["best_val_accuracy"] = max(vals) if vals else None
-        if self.cfg.model.norm_policy == "local":
+        if self.norm_policy.personal:
             personal = [r["personal_accuracy"] for r in self.rows if r.get("personal_accuracy") is not None]
             summary["final_personal_accuracy"] = personal[-1] if personal else None
         return summary

@@ -1,0 +1,43 @@
+"""``fedgap sweep``: parse, run the grid (``fedgap.diagnose.sweep``), print the table, draw the curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from fedgap.cli.console import err_console, out_console, split_config_args
+from fedgap.diagnose.gap import LATE_EVALS, fmt_pct
+
+
+@click.command(epilog="Values separated by commas make a grid axis; a single value is a plain override.")
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=V1,V2 ...]...")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sweep"), show_default=True,
+              help="Folder for sweep.csv, sweep.png, summary.json and the cached runs.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=None, help="Runs at once (default: one per core).")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def sweep(args, out, jobs, quiet):
+    """Run a grid of experiments (cached and resumable like the doctor) and compare them."""
+    from fedgap.diagnose.sweep import run_sweep
+    from fedgap.report.plots import save, sweep_figure
+
+    path, overrides = split_config_args(args)
+    keys, rows, runs = run_sweep(path, overrides, out, jobs=jobs, show_progress=not quiet,
+                                 command=" ".join(["fedgap", "sweep", *args]))
+    table = Table(title=f"fedgap sweep: {len(rows)} runs", title_justify="left")
+    for k in keys:
+        table.add_column(k)
+    for col in ("final acc", f"last-{LATE_EVALS} mean", "best acc", "rounds to target", "s/round"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(*[str(r[k]) for k in keys], fmt_pct(r["final_test_accuracy"]), fmt_pct(r["late_test_accuracy"]),
+                      fmt_pct(r["best_test_accuracy"]),
+                      "not reached" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
+                      "-" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.2f}",
+                      style="red" if r["error"] else None)
+    out_console.print(table)
+    curves = [(spec.name, [(r["round"], r["test_accuracy"]) for r in rec.rows if r.get("test_accuracy") is not None])
+              for spec, rec in runs]
+    save(sweep_figure(curves), out / "sweep.png")
+    err_console.print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}", highlight=False)
