@@ -111,7 +111,7 @@ class Diagnostics:
     def on_round_end(self, info) -> dict[str, Any]:
         if not info.evaluated:
             return {}
-        exp, state = info.experiment, info.state
+        exp, state = info.run, info.state
         data, engine = exp.data, exp.engine
         results = info.output.results
         if not results:

@@ -37,6 +37,7 @@ from fedgap.data.partition import partition_for, validation_rows
 from fedgap.engines import Engine, RoundOutput, engine_class
 from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
+from fedgap.experiment.stopping import StopAtTarget, StopOnDivergence
 from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
 from fedgap.fl.evaluate import evaluate, label_matched_subset
@@ -57,12 +58,24 @@ class RunStopped(FedgapError):
     exit_code = 3
 
 
+@dataclass(frozen=True)
+class RunView:
+    """The read-only part of a run that callbacks may use (not the whole Experiment)."""
+
+    cfg: Config
+    data: Dataset
+    parts: list[np.ndarray]  # training rows of every client
+    engine: Engine  # for evaluation passes (``evaluate``, ``evaluate_test``, ``model``)
+    param_keys: list[str]
+    bn_layers: list[str]
+
+
 @dataclass
 class RoundInfo:
     """What callbacks see at the end of a round."""
 
     round: int
-    experiment: Experiment
+    run: RunView
     tasks: list[ClientTask]
     output: RoundOutput
     previous_state: State
@@ -72,6 +85,9 @@ class RoundInfo:
 
 
 class RoundCallback(Protocol):
+    """Called after every round. May also define ``stop_reason(rows) -> str | None``: a reason to end the run
+    after this round (``fedgap.experiment.stopping``)."""
+
     def on_round_end(self, info: RoundInfo) -> dict[str, Any]:
         """Return extra metrics-row columns (may be empty)."""
 
@@ -95,7 +111,9 @@ class Experiment:
         self.cfg = cfg
         self.out = Path(out) if out is not None else None
         self.resume = resume
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) + [StopOnDivergence()]
+        if cfg.eval.stop_at_target:
+            self.callbacks.append(StopAtTarget(cfg.eval.target))
         if cfg.eval.diagnostics:
             from fedgap.experiment.diagnostics import Diagnostics
 
@@ -229,7 +247,8 @@ class Experiment:
             row["diverged"] = True
         if self.norm_policy.personal:
             row["personal_accuracy"] = self._personal_accuracy(output.results) if evaluated else None
-        info = RoundInfo(r, self, tasks, output, previous, self.state, evaluated, row)
+        view = RunView(cfg, self.data, self.parts, self.engine, self.param_keys, self.bn_layers)
+        info = RoundInfo(r, view, tasks, output, previous, self.state, evaluated, row)
         for callback in self.callbacks:
             row.update(callback.on_round_end(info))
         row["seconds"] = time.perf_counter() - t0  # the whole round with its evaluation and diagnostics
@@ -264,19 +283,17 @@ class Experiment:
         return float(np.mean(accs))
 
     # ------------------------------------------------------------------------------------------------ results
-    def reached_target(self) -> bool:
-        """With eval.stop_at_target, whether an evaluation has reached eval.target."""
-        if not self.cfg.eval.stop_at_target:
-            return False
-        return any((r.get("test_accuracy") or 0.0) >= self.cfg.eval.target for r in self.rows)
+    def stop_reason(self) -> str | None:
+        """Why the run ended before server.rounds (a callback's stop rule: target, divergence), or None."""
+        return next((why for cb in self.callbacks if hasattr(cb, "stop_reason")
+                     for why in [cb.stop_reason(self.rows)] if why), None)
 
     def stopped_early(self) -> bool:
-        """Whether the run ended before server.rounds: at its target (eval.stop_at_target) or diverged."""
-        return self.reached_target() or self.diverged_at() is not None
+        return self.stop_reason() is not None
 
     def diverged_at(self) -> int | None:
         """The round after which the global model held a non-finite weight (the run stopped there), or None."""
-        return next((r["round"] for r in self.rows if r.get("diverged")), None)
+        return StopOnDivergence.diverged_at(self.rows)
 
     def summary(self) -> dict[str, Any]:
         accs = [(r["round"], r["test_accuracy"]) for r in self.rows if r.get("test_accuracy") is not None]
