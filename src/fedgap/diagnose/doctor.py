@@ -105,7 +105,7 @@ def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Pat
 
     preset = p.name
     d = naive.data
-    data = load_dataset(d.name, d.root)
+    data = load_dataset(d.name, d.root, d.path)
     labels = data.train_y.numpy()
     parts = partition_for(d, labels, naive.seed)
     stats = partition_stats(parts, labels, data.num_classes)
