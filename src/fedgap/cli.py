@@ -149,20 +149,13 @@ def model_info(args):
     """Build the config's model for its data set and show what was found and replaced (model.norm on your own
     model's BatchNorm layers), its parameters, its multiply-accumulates per image and whether the vectorized
     engine can batch it."""
-    from fedgap import seeding
-    from fedgap.data.datasets import load_dataset_for
     from fedgap.engines.cohort_model import CohortModel
     from fedgap.errors import ConfigError
-    from fedgap.models import build_model_reported
     from fedgap.models.info import model_info as describe_model
+    from fedgap.preflight import check_inputs
 
     cfg = load(args)
-    data = load_dataset_for(cfg.data)
-    torch_seed = seeding.torch_seed(cfg.seed, seeding.INIT)
-    import torch
-
-    torch.manual_seed(torch_seed)
-    model, replaced = build_model_reported(cfg.model, data.image_shape, data.num_classes)
+    data, model, replaced = check_inputs(cfg)
     info = describe_model(model, replaced, data.image_shape)
     c, h, w = data.image_shape
     table = Table("layer", "was", "now", title=f"norm layers of {cfg.model.name} (model.norm={cfg.model.norm})",

@@ -25,6 +25,7 @@ from fedgap.diagnose.gap import GapRow, gap_rows, noise_pp
 from fedgap.diagnose.pool import RunRecord, RunSpec, run_all
 from fedgap.errors import ConfigError
 from fedgap.fl import outputs
+from fedgap.preflight import check_inputs
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_std", "best_test_accuracy",
                "best_std", "gap_equal_samples_pp", "gap_closed", "reached", "seeds", "rounds", "wall_seconds",
@@ -90,6 +91,7 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
     if naive.data.partition == "central":
         raise ConfigError("data.partition: the doctor compares federated with centralized training; give a "
                           "federated partition (iid | dirichlet | shards | quantity), not central")
+    check_inputs(naive)  # a bad data file or model fails here, in one line, before --out is touched
     outputs.prepare_dir(out)
     lock = outputs.RunLock(out)  # one doctor per folder; its runs have their own locks
     try:

@@ -61,8 +61,19 @@ def resolve(name: str) -> Callable[..., nn.Module]:
 
 
 def _import_module(where: str):
+    """Import ``where`` from sys.path, else from the current folder (as ``python -m`` would find it, although
+    the ``fedgap`` script's sys.path does not hold the current folder)."""
     try:
-        return importlib.import_module(where)
+        try:
+            return importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            if exc.name != where.split(".")[0] or os.getcwd() in sys.path:
+                raise
+            sys.path.insert(0, os.getcwd())
+            try:
+                return importlib.import_module(where)
+            finally:
+                sys.path.remove(os.getcwd())
     except ModuleNotFoundError as exc:
         if exc.name and where.startswith(exc.name):
             raise ConfigError(f"model.name: no module named {where!r} (is it installed or on PYTHONPATH?)") from None
