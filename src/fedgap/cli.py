@@ -158,8 +158,7 @@ def model_info(args):
     data, model, replaced = check_inputs(cfg)
     info = describe_model(model, replaced, data.image_shape)
     c, h, w = data.image_shape
-    table = Table("layer", "was", "now", title=f"norm layers of {cfg.model.name} (model.norm={cfg.model.norm})",
-                  title_justify="left")
+    table = Table("layer", "was", "now", title=f"norm layers (model.norm={cfg.model.norm})", title_justify="left")
     for row in info.norm_rows:
         table.add_row(row.layer, row.was, row.now)
     if not info.norm_rows:
@@ -171,6 +170,7 @@ def model_info(args):
     except ConfigError as exc:
         vectorized = str(exc).removeprefix("engine.name: ")
     summary = Table(show_header=False, title_justify="left")
+    summary.add_row("model", cfg.model.name)
     summary.add_row("input", f"{c} x {h} x {w} ({cfg.data.name}), {data.num_classes} classes")
     summary.add_row("norm layers replaced", str(len(replaced)))
     summary.add_row("parameters", f"{info.parameters:,}")
