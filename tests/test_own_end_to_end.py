@@ -75,7 +75,13 @@ def test_engines_agree_on_the_own_model(own_folder, own_model, engine):
             assert torch.allclose(v, other.state[k], rtol=1e-3, atol=3e-4), k
 
 
-BAD_FACTORY = "def make(num_classes, in_channels, image_size):\n    raise RuntimeError('weights missing')\n"
+BAD_FACTORY = """
+from torch import nn
+def make(num_classes, in_channels, image_size):
+    raise RuntimeError('weights missing')
+def ten(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size[0] * image_size[1], 10))
+"""
 
 
 @pytest.fixture
@@ -91,6 +97,8 @@ def bad_inputs(tmp_path, own_npz, own_model):
         "missing file": ([*npz, f"model.name={tmp_path}/nope.py:make"], "nope.py' not found"),
         "missing function": ([*npz, f"model.name={own_model}x"], "has no function 'makex'"),
         "factory raises": ([*npz, f"model.name={tmp_path}/raises.py:make"], "raised RuntimeError: weights missing"),
+        "wrong logits": ([*npz, f"model.name={tmp_path}/raises.py:ten"], "gives output (2, 10) for a batch of 2 "
+                         "images, expected logits (2, 3)"),
         "groups": ([*npz, f"model.name={own_model}", "model.norm=group", "model.groups=3"],
                    "model.groups: 3 does not divide the 8 channels of layer 'body.1'"),
         "bad npz": (["data.name=npz", f"data.path={bad_npz}", f"model.name={own_model}"], "missing array(s) y_test"),
@@ -99,8 +107,8 @@ def bad_inputs(tmp_path, own_npz, own_model):
 
 
 @pytest.mark.parametrize("command", ["run", "doctor"])
-@pytest.mark.parametrize("case", ["missing file", "missing function", "factory raises", "groups", "bad npz",
-                                  "no folder"])
+@pytest.mark.parametrize("case", ["missing file", "missing function", "factory raises", "wrong logits", "groups",
+                                  "bad npz", "no folder"])
 def test_bad_model_or_data_exits_2_with_one_line_and_no_run_files(tmp_path, capsys, bad_inputs, command, case):
     args, message = bad_inputs[case]
     out = tmp_path / "out"
