@@ -23,23 +23,31 @@ def folder_args(own_folder, own_model, *extra):
     return [*own_args(["data.name=folder", f"data.root={own_folder}"], own_model), *extra]
 
 
-def test_run_own_model_with_groupnorm_on_npz(tmp_path, own_npz, own_model):
+@pytest.fixture(params=["npz", "folder"])
+def own_data_args(request, own_npz, own_folder, own_model):
+    """The tiny own setting on the RGB npz file or on the RGB image folder."""
+    if request.param == "npz":
+        return npz_args(own_npz, own_model)
+    return folder_args(own_folder, own_model)
+
+
+def test_run_own_model_with_groupnorm(tmp_path, own_data_args, own_model):
     out = tmp_path / "run"
-    done = cli_subprocess("run", *npz_args(own_npz, own_model, "model.norm=group", "model.groups=4"),
-                          "--out", str(out), "--quiet", timeout=300)
+    done = cli_subprocess("run", *own_data_args, "model.norm=group", "model.groups=4", "--out", str(out), "--quiet",
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and 0 <= summary["final_test_accuracy"] <= 1
     resolved = load_config(out / "config.yaml")
-    assert (resolved.model.name, resolved.model.norm, resolved.data.path) == (own_model, "group", own_npz)
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    keys = str(state)
-    assert "running_mean" not in keys  # the BatchNorm layers are gone
+    assert (resolved.model.name, resolved.model.norm) == (own_model, "group")
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    assert not any(k.endswith("running_mean") for k in state)  # the BatchNorm layers were replaced
+    assert state["body.1.weight"].shape == (8,)  # by GroupNorm(4, 8): the channels are kept
 
 
-def test_doctor_quick_on_own_model_and_rgb_folder(tmp_path, own_folder, own_model):
+def test_doctor_quick_on_own_model_and_rgb_data(tmp_path, own_data_args):
     out = tmp_path / "doctor"
-    done = cli_subprocess("doctor", *folder_args(own_folder, own_model), "--out", str(out), timeout=300)
+    done = cli_subprocess("doctor", *own_data_args, "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "gap to centralized training, ranked" in done.stdout
     with open(out / "gap.csv") as fh:
