@@ -85,3 +85,84 @@ def doctored(tiny_idx, tmp_path_factory):
                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
+
+
+# ----------------------------------------------------------------------------- your own model and data (issue 14)
+OWN_MODEL = '''
+"""A user's model, outside the fedgap package: RGB in, BatchNorm2d inside."""
+from torch import nn
+
+
+class Small(nn.Module):
+    def __init__(self, num_classes, in_channels, width):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+def make(num_classes, in_channels, image_size, width=8):
+    return Small(num_classes, in_channels, width)
+'''
+
+
+def own_images(n: int, classes: int = 3, size: int = 16, seed: int = 0):
+    """Learnable RGB images (NHWC uint8): class k is brighter in channel k, plus noise; labels cycle 0..k-1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    x = rng.normal(100, 30, (n, size, size, 3))
+    x[np.arange(n), :, :, labels % 3] += 80
+    return np.clip(x, 0, 255).astype("uint8"), labels.astype("int64")
+
+
+@pytest.fixture(scope="session")
+def own_model(tmp_path_factory) -> str:
+    """``model.name`` of a small RGB model with BatchNorm2d in a file outside the package."""
+    path = tmp_path_factory.mktemp("own_model") / "small_net.py"
+    path.write_text(OWN_MODEL)
+    return f"{path}:make"
+
+
+@pytest.fixture(scope="session")
+def own_npz(tmp_path_factory) -> str:
+    """A tiny RGB npz set: 60 train / 30 test images of 16 x 16, 3 classes."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("own_npz") / "tiny.npz"
+    (x_train, y_train), (x_test, y_test) = own_images(60), own_images(30, seed=1)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return str(path)
+
+
+def write_image_folder(root, train: int = 60, test: int = 30, suffix: str = ".png") -> None:
+    """The same kind of images as ``own_images`` as PNG files in root/train/CLASS and root/test/CLASS."""
+    from PIL import Image
+
+    for split, n, seed in (("train", train, 0), ("test", test, 1)):
+        images, labels = own_images(n, seed=seed)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / ["apple", "banana", "cherry"][label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:03d}{suffix}")
+
+
+@pytest.fixture(scope="session")
+def own_folder(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("own_folder")
+    write_image_folder(root)
+    return str(root)
+
+
+def own_args(data: list[str], model: str) -> list[str]:
+    """A tiny federated setting on the tiny own data (6 clients, 3 per round, 2 rounds)."""
+    return [*data, f"model.name={model}", "data.num_clients=6", "server.clients_per_round=3", "data.min_samples=3",
+            "server.rounds=2", "eval.every=1"]

@@ -306,7 +306,7 @@ def test_an_unsupported_layer_is_a_one_line_config_error():
         def forward(self, x):
             return self.rnn(x)[0]
 
-    with pytest.raises(ConfigError, match="engine.name: vectorized cannot batch the model layer LSTM"):
+    with pytest.raises(ConfigError, match=r"vectorized cannot batch the model's layer 'rnn' \(LSTM\); use engine"):
         CohortModel(Odd())
 
 

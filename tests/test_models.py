@@ -4,6 +4,7 @@ import torch
 from fedgap.config import load_config
 from fedgap.models import build_model, count_parameters
 from fedgap.models.norm import norm_state_keys
+from fedgap.models.registry import MODELS
 
 
 def test_fedavg_cnn_has_the_papers_parameter_count():
@@ -19,7 +20,7 @@ def test_mobilenet_like_structure():
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 5
 
 
-@pytest.mark.parametrize("name", ["mobilenet-like", "mobilenet-v1", "mobilenet-v2", "cnn"])
+@pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("norm", ["batch", "group", "layer", "instance", "none"])
 def test_every_model_and_norm_runs(name, norm):
     cfg = load_config(overrides=[f"model.name={name}", f"model.norm={norm}", "model.width=0.5", "model.dropout=0.2"])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from fedgap.engines import ENGINES
 from fedgap.errors import ConfigError
@@ -22,9 +23,9 @@ from fedgap.fl.normpolicy import NORM_POLICIES
 from fedgap.fl.objectives import OBJECTIVES
 from fedgap.fl.presets import PRESETS
 from fedgap.fl.server import SERVER_OPTIMIZERS
+from fedgap.models.registry import MODELS, is_import_path, names_text
 
 PartitionName = Literal["iid", "dirichlet", "shards", "quantity", "central"]
-ModelName = Literal["mobilenet-like", "mobilenet-v1", "mobilenet-v2", "cnn"]
 NormName = Literal["batch", "group", "layer", "instance", "none"]
 # The component names come from their registries (the single source): a new objective, server optimizer,
 # preset or engine is a valid config value, described in `fedgap keys`, by adding its registry line.
@@ -46,9 +47,12 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["mnist", "idx"] = Field(
-        "mnist", description="mnist (shipped, verified) | idx (any IDX set in data.root)")
-    root: str | None = Field(None, description="folder with the four IDX files (default: the shipped MNIST)")
+    name: Literal["mnist", "idx", "npz", "folder"] = Field("mnist", description=(
+        "mnist (shipped, verified) | idx (any IDX set in data.root) | npz (arrays x_train, y_train, x_test, "
+        "y_test in data.path) | folder (data.root/train/CLASS/*.png, data.root/test/CLASS/*)"))
+    root: str | None = Field(None, description=(
+        "idx: folder with the four IDX files (default: the shipped MNIST); folder: the image folder"))
+    path: str | None = Field(None, description="npz: the .npz file (made absolute)")
     partition: PartitionName = Field("dirichlet", description="iid | dirichlet | shards | quantity | central")
     alpha: float = Field(0.1, gt=0, description="Dirichlet concentration (dirichlet: labels, quantity: sizes)")
     num_clients: int = Field(100, ge=1, description="clients the training set is split over (central: 1)")
@@ -60,13 +64,36 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: ModelName = Field("mobilenet-like", description="mobilenet-like | mobilenet-v1 | mobilenet-v2 | cnn")
-    norm: NormName = Field("batch", description="norm after every conv: batch | group | layer | instance | none")
+    name: str = Field("mobilenet-like", description=(
+        f"{names_text(described=True)}, or your own: package.module:factory | path/to/file.py:factory "
+        "(called as factory(num_classes, in_channels, image_size, **model.kwargs))"))
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "keyword arguments of your own factory, e.g. model.kwargs.width=64"))
+    norm: NormName = Field("batch", description=(
+        "norm after every conv: batch | group | layer | instance | none (your own model: its BatchNorm "
+        "layers are replaced; batch keeps it as it is)"))
     norm_policy: NormPolicy | None = Field(
         None, description="average | local (FedBN) | recalibrate; default: from server.algorithm")
     groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every normalized channel count)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
     width: float = Field(1.0, gt=0, le=4, description="channel multiplier (mobilenet-v1/v2)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_or_importable(cls, name: str) -> str:
+        if name in MODELS:
+            return name
+        if not is_import_path(name):
+            raise ValueError(f"model.name: must be one of {names_text()} or package.module:factory or "
+                             f"path/to/file.py:factory, got {name!r}")
+        from fedgap.models import custom  # local: imports torch, and the user's code
+
+        try:
+            name = custom.absolute_target(name)
+            custom.resolve(name)  # a missing module, file or function fails here, before any output is written
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
 
 class ClientConfig(_Section):
@@ -204,20 +231,44 @@ def _resolve(cfg: Config) -> None:
         if bad:
             raise ValueError(f"engine.{key}: client ids must be in 0..{cfg.data.num_clients - 1} "
                              f"(data.num_clients={cfg.data.num_clients}), got {bad}")
-    if cfg.data.name == "idx" and not cfg.data.root:
-        raise ValueError("data.root: required when data.name=idx (a folder with the four IDX files)")
+    _check_data(cfg.data)
+    _check_model(cfg.model)
     if cfg.model.norm_policy == "recalibrate" and cfg.model.norm != "batch":
         raise ValueError(
             f"model.norm_policy: recalibrate needs model.norm=batch (running statistics), got {cfg.model.norm}"
         )
-    from fedgap.models.spec import norm_channels  # local: models.spec is torch-free but imports config names
 
-    if cfg.model.norm == "group":
-        bad = sorted({c for c in norm_channels(cfg.model.name, cfg.model.width) if c % cfg.model.groups})
+
+def _check_data(d: DataConfig) -> None:
+    if d.name in ("idx", "folder") and not d.root:
+        what = "a folder with the four IDX files" if d.name == "idx" else "a folder with train/CLASS and test/CLASS"
+        raise ValueError(f"data.root: required when data.name={d.name} ({what})")
+    if d.name == "npz" and not d.path:
+        raise ValueError("data.path: required when data.name=npz (a .npz file with x_train, y_train, x_test, y_test)")
+    if d.path is not None and d.name != "npz":
+        raise ValueError(f"data.path: only read when data.name=npz, got data.name={d.name}")
+    if d.path is not None:
+        absolute = os.path.abspath(os.path.expanduser(d.path))
+        if absolute != d.path:
+            d.path = absolute  # every process (and a --resume from another folder) reads the same file
+
+
+def _check_model(m: ModelConfig) -> None:
+    entry = MODELS.get(m.name)
+    if entry is None:  # the user's factory: its norm layers are checked when it is built (needs torch)
+        for key, default in (("dropout", 0.0), ("width", 1.0)):
+            if getattr(m, key) != default:
+                raise ValueError(f"model.{key}: only the built-in models take it; pass your factory's own "
+                                 f"options as model.kwargs.NAME=VALUE")
+        return
+    if m.kwargs:
+        raise ValueError(f"model.kwargs: only a model from an import path takes kwargs, not {m.name}")
+    if m.norm == "group":
+        bad = sorted({c for c in entry.norm_channels(m.width) if c % m.groups})
         if bad:
             raise ValueError(
-                f"model.groups: {cfg.model.groups} does not divide the channel counts {bad} of "
-                f"{cfg.model.name}; choose a divisor of all of them"
+                f"model.groups: {m.groups} does not divide the channel counts {bad} of "
+                f"{m.name}; choose a divisor of all of them"
             )
 
 

@@ -27,6 +27,7 @@ def cli() -> None:
     fedgap run         one experiment (federated, or centralized with data.partition=central)
     fedgap sweep       a grid of experiments
     fedgap partition   statistics and a heatmap of a client partition
+    fedgap model-info  the model built for a config: norm layers replaced, parameters, MACs per image
     fedgap keys        every config key with its default
     """
 
@@ -86,7 +87,7 @@ def partition(args, plot, as_json):
 
     cfg = load(args)
     d = cfg.data
-    data = load_dataset(d.name, d.root)
+    data = load_dataset(d.name, d.root, d.path)
     labels = data.train_y.numpy()
     parts = partition_for(d, labels, cfg.seed)
     stats = partition_stats(parts, labels, data.num_classes)
@@ -110,6 +111,42 @@ def partition(args, plot, as_json):
         partition_heatmap(stats.counts, plot, title=f"{d.partition} (alpha={d.alpha})" if d.partition in
                           ("dirichlet", "quantity") else d.partition)
         err_console.print(f"heatmap written to {plot}")
+
+
+@cli.command("model-info", epilog=CONFIG_HELP)
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [OVERRIDES]...")
+def model_info(args):
+    """Build the config's model for its data set and show what was found and replaced (model.norm on your own
+    model's BatchNorm layers), its parameters, its multiply-accumulates per image and whether the vectorized
+    engine can batch it."""
+    from fedgap.engines.cohort_model import CohortModel
+    from fedgap.errors import ConfigError
+    from fedgap.models.info import model_info as describe_model
+    from fedgap.preflight import check_inputs
+
+    cfg = load(args)
+    data, model, replaced = check_inputs(cfg)
+    info = describe_model(model, replaced, data.image_shape)
+    c, h, w = data.image_shape
+    table = Table("layer", "was", "now", title=f"norm layers (model.norm={cfg.model.norm})", title_justify="left")
+    for row in info.norm_rows:
+        table.add_row(row.layer, row.was, row.now)
+    if not info.norm_rows:
+        table.add_row("-", "no norm layers", "-")
+    out_console.print(table)
+    try:
+        CohortModel(model)
+        vectorized = "can batch this model"
+    except ConfigError as exc:
+        vectorized = str(exc).removeprefix("engine.name: ")
+    summary = Table(show_header=False, title_justify="left")
+    summary.add_row("model", cfg.model.name)
+    summary.add_row("input", f"{c} x {h} x {w} ({cfg.data.name}), {data.num_classes} classes")
+    summary.add_row("norm layers replaced", str(len(replaced)))
+    summary.add_row("parameters", f"{info.parameters:,}")
+    summary.add_row("MACs per image (conv + linear)", f"{info.macs_per_image:,}")
+    summary.add_row("engine.name=vectorized", vectorized)
+    out_console.print(summary)
 
 
 @cli.command()

@@ -35,6 +35,7 @@ from fedgap.diagnose.pool import RunRecord, RunSpec, run_all
 from fedgap.diagnose.tuning import TuneResult, budget_rounds, rungs_for, successive_halving, validation_score
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
+from fedgap.preflight import check_inputs
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_val_accuracy", "chosen",
                "searched", "final_std", "best_test_accuracy", "best_std", "gap_equal_samples_pp", "gap_closed",
@@ -117,6 +118,7 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
     if naive.data.validation <= 0:
         raise ConfigError("data.validation: the doctor chooses hyper-parameters and remedies on a validation "
                           f"split, never on the test set; give a share > 0 (default {p.validation})")
+    check_inputs(naive)  # a bad data file or model fails here, in one line, before --out is touched
     outputs.prepare_dir(out)
     lock = outputs.RunLock(out)  # one doctor per folder; its runs have their own locks
     try:
@@ -132,7 +134,7 @@ def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Pat
 
     preset = p.name
     d = naive.data
-    data = load_dataset(d.name, d.root)
+    data = load_dataset(d.name, d.root, d.path)
     labels = data.train_y.numpy()
     parts = partition_for(d, labels, naive.seed)
     stats = partition_stats(parts, labels, data.num_classes)

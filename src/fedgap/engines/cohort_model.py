@@ -57,7 +57,12 @@ class StepRows:
 class CohortModel:
     def __init__(self, model: nn.Module, channels_last: bool = True):
         self.channels_last = channels_last
-        self.graph = fx.symbolic_trace(model)
+        try:
+            self.graph = fx.symbolic_trace(model)
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:160]
+            raise ConfigError(f"engine.name: vectorized cannot trace the model with torch.fx ({type(exc).__name__}: "
+                              f"{reason}); use engine.name=sequential") from None
         self.modules = dict(self.graph.named_modules())
         self.param_names = [k for k, _ in model.named_parameters()]
         self.buffer_names = [k for k, v in model.named_buffers() if v.is_floating_point()]
@@ -185,5 +190,8 @@ def _check_supported(node: fx.Node, modules: dict[str, nn.Module]) -> None:
     elif node.op == "call_function":
         ok = node.target in (operator.add, torch.add) and not node.kwargs
     if not ok:
-        what = type(modules[node.target]).__name__ if node.op == "call_module" else str(node.target)
-        raise ConfigError(f"engine.name: vectorized cannot batch the model layer {what}; use engine.name=sequential")
+        if node.op == "call_module":
+            what = f"layer '{node.target}' ({type(modules[node.target]).__name__})"
+        else:
+            what = f"operation {getattr(node.target, '__name__', node.target)!s} (at graph node '{node.name}')"
+        raise ConfigError(f"engine.name: vectorized cannot batch the model's {what}; use engine.name=sequential")

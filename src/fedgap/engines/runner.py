@@ -26,7 +26,7 @@ from fedgap.models.norm import float_norm_keys
 class ClientRunner:
     def __init__(self, cfg, data: Dataset | None = None, hp: ClientHParams | None = None):
         self.cfg = cfg
-        self.data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root)
+        self.data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
         self.model = prepare_model(build_model(cfg.model, self.data.image_shape, self.data.num_classes), cfg)
         self.hp = hp if hp is not None else ClientHParams.from_config(cfg, float_norm_keys(self.model),
                                                                          self.data.num_classes)

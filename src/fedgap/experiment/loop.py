@@ -123,7 +123,7 @@ class Experiment:
         self._lock: outputs.RunLock | None = None
         t0 = time.perf_counter()
         # Data and partition first: a bad data file or partition setting must fail before --out is touched.
-        self.data = load_dataset(cfg.data.name, cfg.data.root)
+        self.data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
         d = cfg.data
         self.parts = partition_for(d, self.data.train_y.numpy(), cfg.seed)
         # Held-out training rows (data.validation): what selection (the doctor's tuning) reads, never the test set.

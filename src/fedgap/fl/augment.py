@@ -2,7 +2,8 @@
 
 One affine grid per batch: each image gets its own rotation angle and shift drawn from a seeded generator,
 and ``grid_sample`` resamples the whole batch in one call, with no Python loop over samples. Pixels shifted in
-from outside are copied from the border, which for MNIST-like data is background.
+from outside are copied from the border, which for MNIST-like data is background. The grid moves every channel of
+an image alike, so grey and RGB images (any number of channels) go through the same code.
 
 The draw (``affine_theta``) and the resampling (``apply_affine``) are separate so that the vectorized engine can
 draw each client's transforms from that client's own generator, exactly as ``random_affine`` would, and then
@@ -32,7 +33,7 @@ def affine_theta(n: int, h: int, w: int, generator: torch.Generator, max_shift: 
 
 
 def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample every image of ``x`` ([n, c, h, w]) by its own matrix of ``theta`` ([n, 2, 3])."""
+    """Resample every image of ``x`` ([n, c, h, w], any c) by its own matrix of ``theta`` ([n, 2, 3])."""
     grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

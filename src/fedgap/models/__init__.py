@@ -1,27 +1,15 @@
-"""Model factory: ``build_model(model_config, image_shape, num_classes)``."""
+"""Models: the registry of names (``models.registry``, torch-free) and ``build_model(model_config, image_shape,
+num_classes)`` (``models.build``). ``build_model`` is imported on first use, so that the config validator can
+read the registry without importing torch."""
 
 from __future__ import annotations
 
-from torch import nn
-
-from fedgap.models.cnn import FedAvgCNN
-from fedgap.models.mobilenet import MobileNetLike, MobileNetV1, MobileNetV2
+_LAZY = {"build_model", "build_model_reported", "count_parameters"}
 
 
-def build_model(cfg, image_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
-    """Build ``cfg.name`` with ``cfg.norm``; initialization uses torch's global RNG (seed it first)."""
-    c, h, w = image_shape
-    common = dict(in_channels=c, num_classes=num_classes, norm=cfg.norm, groups=cfg.groups, dropout=cfg.dropout)
-    if cfg.name == "mobilenet-like":
-        return MobileNetLike(**common)
-    if cfg.name == "mobilenet-v1":
-        return MobileNetV1(**common, width=cfg.width)
-    if cfg.name == "mobilenet-v2":
-        return MobileNetV2(**common, width=cfg.width)
-    if cfg.name == "cnn":
-        return FedAvgCNN(**common, image_size=(h, w))
-    raise ValueError(f"model.name: unknown model {cfg.name!r}")
+def __getattr__(name: str):
+    if name in _LAZY:
+        from fedgap.models import build
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+        return getattr(build, name)
+    raise AttributeError(f"module 'fedgap.models' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Channel plans of the models, without torch: the config validator checks model.groups against them."""
+"""Channel plans of the built-in models, without torch: the config validator checks model.groups against them."""
 
 from __future__ import annotations
 
@@ -25,29 +25,36 @@ def scaled(channels: int, width: float, divisor: int = 8) -> int:
     return value
 
 
-def norm_channels(name: str, width: float = 1.0) -> list[int]:
-    """Channel counts of every normalization layer of the model (GroupNorm groups must divide each)."""
-    if name == "mobilenet-like":
-        return list(MOBILENET_LIKE)
-    if name == "cnn":
-        return list(CNN)
-    if name == "mobilenet-v1":
-        out = [scaled(V1_STEM, width)]
-        c_in = out[0]
-        for c, _ in V1_BLOCKS:
-            c = scaled(c, width)
-            out += [c_in, c]
+# Channel counts of every normalization layer of each model (GroupNorm groups must divide each); the registry
+# (``models.registry``) points at these.
+
+
+def mobilenet_like_channels(width: float = 1.0) -> list[int]:
+    return list(MOBILENET_LIKE)
+
+
+def cnn_channels(width: float = 1.0) -> list[int]:
+    return list(CNN)
+
+
+def v1_channels(width: float = 1.0) -> list[int]:
+    out = [scaled(V1_STEM, width)]
+    c_in = out[0]
+    for c, _ in V1_BLOCKS:
+        c = scaled(c, width)
+        out += [c_in, c]
+        c_in = c
+    return out
+
+
+def v2_channels(width: float = 1.0) -> list[int]:
+    out = [scaled(V2_STEM, width)]
+    c_in = out[0]
+    for t, c, n, _ in V2_BLOCKS:
+        c = scaled(c, width)
+        for _ in range(n):
+            hidden = c_in * t
+            out += ([hidden] if t != 1 else []) + [hidden, c]
             c_in = c
-        return out
-    if name == "mobilenet-v2":
-        out = [scaled(V2_STEM, width)]
-        c_in = out[0]
-        for t, c, n, _ in V2_BLOCKS:
-            c = scaled(c, width)
-            for _ in range(n):
-                hidden = c_in * t
-                out += ([hidden] if t != 1 else []) + [hidden, c]
-                c_in = c
-        out.append(scaled(V2_LAST, max(1.0, width)))
-        return out
-    raise ValueError(f"model.name: unknown model {name!r}")
+    out.append(scaled(V2_LAST, max(1.0, width)))
+    return out

@@ -40,7 +40,7 @@ def partition_heatmap_figure(counts: np.ndarray, title: str = "", max_clients: i
     im = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("label")
     ax.set_ylabel("client" + (f" (first {max_clients} of {len(counts)})" if len(counts) > max_clients else ""))
-    ax.set_xticks(range(counts.shape[1]))
+    ax.set_xticks(range(0, counts.shape[1], max(1, -(-counts.shape[1] // 20))))  # at most 20 label ticks
     ax.set_title(title or "samples per client and label")
     fig.colorbar(im, ax=ax, label="samples")
     fig.tight_layout()

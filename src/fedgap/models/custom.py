@@ -1,0 +1,143 @@
+"""The user's own model: ``model.name=package.module:factory`` or ``model.name=path/to/file.py:factory``.
+
+``factory(num_classes, in_channels, image_size, **model.kwargs)`` must return an ``nn.Module`` mapping a batch
+[N, in_channels, H, W] to logits [N, num_classes]. Every process that builds the model (the main one, parallel
+workers whether forked or spawned, Ray actors) resolves the path itself, so nothing about the model has to be
+pickled; a file is imported under a name derived from its absolute path and registered in ``sys.modules``, so
+classes defined in it pickle and unpickle within a process tree that imported it.
+
+Everything that can go wrong is a one-line ``ConfigError`` naming ``model.name`` and the problem: a missing
+module or file, a missing or non-callable attribute, a factory that raises, a result that is not a module or
+whose logits have the wrong shape (one dummy forward of a batch of 2 in eval mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedgap.errors import ConfigError
+
+
+def split_target(name: str) -> tuple[str, str]:
+    """'where:function' -> (where, function), checking both parts are there."""
+    where, _, attr = name.rpartition(":")
+    if not where or not attr or not attr.isidentifier():
+        raise ConfigError(f"model.name: {name!r} is not 'package.module:factory' or 'path/to/file.py:factory'")
+    return where, attr
+
+
+def absolute_target(name: str) -> str:
+    """A file path made absolute (relative to the current folder), so that every process and a later --resume
+    from another folder find the same file; a module path unchanged."""
+    where, attr = split_target(name)
+    if _is_file_path(where):
+        return f"{os.path.abspath(os.path.expanduser(where))}:{attr}"
+    return name
+
+
+def _is_file_path(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def resolve(name: str) -> Callable[..., nn.Module]:
+    """The factory function that ``name`` points at."""
+    where, attr = split_target(name)
+    module = _import_file(Path(where).expanduser()) if _is_file_path(where) else _import_module(where)
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ConfigError(f"model.name: '{where}' has no function {attr!r}")
+    if not callable(factory):
+        raise ConfigError(f"model.name: {attr!r} in '{where}' is not callable")
+    return factory
+
+
+def _import_module(where: str):
+    """Import ``where`` from sys.path, else from the current folder (as ``python -m`` would find it, although
+    the ``fedgap`` script's sys.path does not hold the current folder)."""
+    try:
+        try:
+            return importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            if exc.name != where.split(".")[0] or os.getcwd() in sys.path:
+                raise
+            sys.path.insert(0, os.getcwd())
+            try:
+                return importlib.import_module(where)
+            finally:
+                sys.path.remove(os.getcwd())
+    except ModuleNotFoundError as exc:
+        if exc.name and where.startswith(exc.name):
+            raise ConfigError(f"model.name: no module named {where!r} (is it installed or on PYTHONPATH?)") from None
+        raise ConfigError(f"model.name: importing {where!r} failed: no module named {exc.name!r}") from None
+    except Exception as exc:
+        raise ConfigError(f"model.name: importing {where!r} failed: {_one_line(exc)}") from None
+
+
+def _import_file(path: Path):
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"model.name: file '{path}' not found")
+    module_name = "fedgap_user_" + path.stem.replace("-", "_") + "_" + hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    mtime = path.stat().st_mtime_ns
+    cached = sys.modules.get(module_name)
+    if cached is not None and getattr(cached, "__fedgap_mtime__", None) == mtime:
+        return cached
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"model.name: '{path}' cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise ConfigError(f"model.name: importing '{path}' failed: {_one_line(exc)}") from None
+    module.__fedgap_mtime__ = mtime
+    return module
+
+
+def call_factory(name: str, num_classes: int, in_channels: int, image_size: tuple[int, int],
+                 kwargs: dict) -> nn.Module:
+    """The factory's model (unchecked: the caller converts its norm layers, then calls ``check_output``)."""
+    factory = resolve(name)
+    try:
+        model = factory(num_classes, in_channels, tuple(image_size), **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"model.name: {name} raised {_one_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_output(model: nn.Module, name: str, num_classes: int, in_channels: int,
+                 image_size: tuple[int, int]) -> None:
+    """Logits of shape [2, num_classes] for a batch of 2 zero images; the model's mode and state are restored
+    (eval mode: BatchNorm running statistics are not touched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_channels, *image_size))
+    except Exception as exc:
+        raise ConfigError(f"model.name: {name} fails on a batch of 2 images [2, {in_channels}, {image_size[0]}, "
+                          f"{image_size[1]}]: {_one_line(exc)}") from None
+    finally:
+        model.train(was_training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, num_classes):
+        raise ConfigError(f"model.name: {name} gives output {shape} for a batch of 2 images, expected logits "
+                          f"(2, {num_classes})")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

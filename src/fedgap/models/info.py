@@ -1,0 +1,62 @@
+"""What ``fedgap model-info`` reports about a model: its norm layers (and what ``model.norm`` replaced),
+parameters, and multiply-accumulate operations (MACs) per image.
+
+MACs are counted by forward hooks on one image in eval mode: a convolution costs
+out_elements x (in_channels / groups) x kernel area, a linear layer out_elements x in_features. Norm layers,
+activations and pooling are not counted (they are a few percent of a CNN's arithmetic); this is the usual
+convention of FLOP counters that report "FLOPs" as multiply-adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedgap.models.convert import Replacement, describe
+from fedgap.models.norm import NORM_TYPES
+
+
+@dataclass
+class ModelInfo:
+    norm_rows: list[Replacement]  # every norm layer: replaced ones with was -> now, the rest "kept"
+    parameters: int
+    macs_per_image: int
+
+
+def model_info(model: nn.Module, replaced: list[Replacement], image_shape: tuple[int, int, int]) -> ModelInfo:
+    by_layer = {r.layer: r for r in replaced}
+    rows = []
+    for name, m in model.named_modules():
+        if name in by_layer:
+            rows.append(by_layer[name])
+        elif isinstance(m, NORM_TYPES):
+            rows.append(Replacement(name, describe(m), "kept"))
+    return ModelInfo(rows, sum(p.numel() for p in model.parameters()), count_macs(model, image_shape))
+
+
+def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one forward pass of one image (conv and linear layers)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.modules.conv._ConvNd):
+            kernel = int(torch.tensor(module.kernel_size).prod())
+            total += output.numel() * (module.in_channels // module.groups) * kernel
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
