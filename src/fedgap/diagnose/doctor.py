@@ -25,6 +25,7 @@ from fedgap.diagnose.gap import GapRow, gap_rows, noise_pp
 from fedgap.diagnose.pool import RunRecord, RunSpec, run_all
 from fedgap.errors import ConfigError
 from fedgap.fl import outputs
+from fedgap.track.command import CommandRun
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_std", "best_test_accuracy",
                "best_std", "gap_equal_samples_pp", "gap_closed", "reached", "seeds", "rounds", "wall_seconds",
@@ -93,7 +94,12 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
     outputs.prepare_dir(out)
     lock = outputs.RunLock(out)  # one doctor per folder; its runs have their own locks
     try:
-        return _diagnose(naive, tree, p, seeds, out, jobs, target, show_progress, command, t0)
+        with CommandRun(naive, out, "doctor") as tracking:  # track.mlflow: the parent run of the variants' runs
+            result = _diagnose(naive, tree, p, seeds, out, jobs, target, show_progress, command, t0)
+        tracking.finish(["report.html", "gap.csv", "gap.md", "summary.json"],
+                        {f"{k}/{r.variant}": getattr(r, k) for r in result.rows
+                         for k in ("final_test_accuracy", "gap_pp") if getattr(r, k) is not None})
+        return result
     finally:
         lock.release()
 

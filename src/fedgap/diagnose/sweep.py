@@ -23,6 +23,8 @@ from fedgap.diagnose.gap import LATE_EVALS, first_round_at, fmt_pct, late_accura
 from fedgap.diagnose.pool import RunSpec, run_all
 from fedgap.errors import ConfigError
 from fedgap.fl import outputs
+from fedgap.track.base import flat_config
+from fedgap.track.command import CommandRun
 
 COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds_to_target", "seconds_per_round", "wall_seconds",
            "diverged_at_round"]
@@ -84,7 +86,9 @@ def sweep(args, out, jobs, quiet):
         swept = [p for p in point if p.split("=", 1)[0] in keys]
         specs.append(RunSpec(slug(swept), cfg))
     outputs.prepare_dir(out)
-    records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=not quiet)
+    common = {k: v for k, v in flat_config(specs[0].cfg).items() if k not in keys}  # the parent run's params
+    with CommandRun(specs[0].cfg, out, "sweep", {**common, "sweep.keys": ",".join(keys)}) as tracking:
+        records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=not quiet)
 
     table = Table(title=f"fedgap sweep: {len(records)} runs", title_justify="left")
     for k in keys:
@@ -125,3 +129,4 @@ def sweep(args, out, jobs, quiet):
     outputs.write_json(out / "summary.json", {"keys": keys, "points": rows, "command": " ".join(["fedgap", "sweep",
                                                                                                  *args])})
     err_console.print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}", highlight=False)
+    tracking.finish(["sweep.csv", "sweep.png", "summary.json"])

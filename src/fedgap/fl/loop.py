@@ -101,6 +101,10 @@ class Experiment:
 
             self.callbacks.append(Diagnostics())
         self.label = label or ("central" if cfg.data.partition == "central" else cfg.server.algorithm)
+        if cfg.track.tensorboard or cfg.track.mlflow:  # experiment tracking (fedgap.track), off by default
+            from fedgap.track import make_trackers
+
+            self.callbacks += make_trackers(cfg, self.out, self.label)
         self.show_progress, self.shared_progress = show_progress, progress
         self._lock: outputs.RunLock | None = None
         t0 = time.perf_counter()
@@ -149,6 +153,7 @@ class Experiment:
         bar = RunProgress(self.label, total, self.round, self.shared_progress, self.show_progress)
         previous = _install_sigterm()
         t_start = time.perf_counter()
+        summary = None
         try:
             self.engine.start()
             self.startup_seconds += time.perf_counter() - t_start
@@ -166,6 +171,8 @@ class Experiment:
             self.engine.close()
             self._release()
             signal.signal(signal.SIGTERM, previous)
+            for callback in self.callbacks:  # optional end hook (trackers); summary is None if the run did not finish
+                getattr(callback, "on_run_end", lambda *_: None)(self, summary)
         return summary
 
     def _release(self) -> None:
