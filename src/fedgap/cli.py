@@ -58,6 +58,7 @@ def cli() -> None:
     fedgap sweep       a grid of experiments
     fedgap partition   statistics and a heatmap of a client partition
     fedgap keys        every config key with its default
+    fedgap export      write an experiment as a Flower app
     """
 
 
@@ -166,7 +167,7 @@ def _register_optional_commands() -> None:
     """Commands living in their own modules (doctor, sweep) register themselves on the group."""
     import importlib
 
-    for module in ("fedgap.diagnose.commands",):
+    for module in ("fedgap.diagnose.commands", "fedgap.export.commands"):
         try:
             importlib.import_module(module).register(cli)
         except ModuleNotFoundError as exc:
