@@ -126,6 +126,26 @@ def test_a_resumed_run_continues_the_same_tracked_run_without_duplicate_steps(ti
                                                                           rel=1e-5)
 
 
+def test_tracking_switched_on_at_resume_logs_the_earlier_rounds_too(tiny_idx, tmp_path):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri, out, tb = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run", tmp_path / "tb"
+    Experiment(load_config(overrides=tiny_args(tiny_idx)), out, show_progress=False).run()  # 2 rounds, untracked
+    more = load_config(overrides=[*tiny_args(tiny_idx), "server.rounds=4", f"track.mlflow={uri}",
+                                  f"track.tensorboard={tb}"])
+    Experiment(more, out, resume=True, show_progress=False).run()
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("fedgap").experiment_id])
+    for key in ("test_accuracy", "seconds"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4]
+    acc = EventAccumulator(str(tb / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("seconds")] == [1, 2, 3, 4]
+
+
 def test_sweep_logs_each_point_as_a_child_of_one_parent_run(tiny_idx, tmp_path, capsys):
     """Two grid points in two pool worker processes, each logging its own run."""
     pytest.importorskip("mlflow")

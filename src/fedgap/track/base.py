@@ -4,8 +4,8 @@ metric names, and the flattened config.
 The loop sets a row's ``seconds`` (wall time of the whole round, callbacks included) after its callbacks
 ran, so a round's ``seconds`` is logged one callback later (at the next round, or at the end of the run);
 every other column is logged as the round ends. A resumed run starts logging from the checkpoint's round:
-the tracker re-logs that round's complete row and subclasses drop what their store already holds, so no
-step appears twice.
+the tracker re-logs that round's complete row (every earlier row too when the run was not tracked before) and
+subclasses drop what their store already holds, so no step appears twice.
 """
 
 from __future__ import annotations
@@ -85,8 +85,10 @@ class Tracker:
         self.start_round = 0
 
     # ---- what subclasses implement
-    def start(self, experiment, resumed: bool) -> None:
-        """Open (or reopen, for a resumed run) the tracked run."""
+    def start(self, experiment, resumed: bool) -> bool:
+        """Open (or reopen, for a resumed run) the tracked run; return True if it holds nothing yet (a resumed
+        run tracked for the first time then logs its earlier rounds too)."""
+        return True
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Log metrics at a step (the round)."""
@@ -97,10 +99,11 @@ class Tracker:
     # ---- the loop's callbacks
     def _begin(self, experiment, start_round: int) -> None:
         self.start_round = start_round
-        self.start(experiment, resumed=start_round > 0)
+        empty = self.start(experiment, resumed=start_round > 0)
         self.started = True
         if start_round > 0 and experiment.rows:
-            self.log(start_round, row_metrics(experiment.rows[-1], seconds=True))
+            for row in experiment.rows if empty else experiment.rows[-1:]:
+                self.log(int(row["round"]), row_metrics(row, seconds=True))
 
     def on_round_end(self, info) -> dict[str, Any]:
         exp = info.experiment

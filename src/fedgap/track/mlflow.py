@@ -62,7 +62,8 @@ def open_store(track) -> tuple[Any, str, str]:
         client = MlflowClient(tracking_uri=uri)
         return client, uri, experiment_id(client, track.experiment, uri)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first if len(first) <= 160 else first[:157] + "..."
         raise ConfigError(f"track.mlflow: cannot open the MLflow store {uri!r} ({first})") from None
 
 
@@ -106,7 +107,7 @@ class MlflowTracker(Tracker):
         self.run_id: str | None = None
         self.last_step: dict[str, int] = {}
 
-    def start(self, experiment, resumed: bool) -> None:
+    def start(self, experiment, resumed: bool) -> bool:
         client = self.client
         stored = read_track_file(self.out).get(KEY, {})
         self.run_id = reopen(client, stored, self.uri) if resumed else None
@@ -125,6 +126,7 @@ class MlflowTracker(Tracker):
             write_track_file(self.out, KEY, {"tracking_uri": self.uri, "experiment_id": exp_id,
                                              "run_id": self.run_id})
         log_params(client, self.run_id, flat_config(self.cfg))
+        return not self.last_step
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric

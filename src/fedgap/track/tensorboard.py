@@ -24,16 +24,18 @@ class TensorBoardTracker(Tracker):
         self.log_dir = Path(cfg.track.tensorboard) / (out.name if out is not None else label)
         self.writer = None
 
-    def start(self, experiment, resumed: bool) -> None:
+    def start(self, experiment, resumed: bool) -> bool:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
+        fresh = not (self.log_dir.exists() and any(self.log_dir.iterdir()))
         self.writer = SummaryWriter(str(self.log_dir), purge_step=self.start_round if resumed else None)
-        if not resumed:
+        if fresh or not resumed:
             params = flat_config(self.cfg)
             for summary in hparams(params, {"test_accuracy": 0.0, "test_loss": 0.0}):
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_text("config", "```yaml\n" + dump_yaml(self.cfg) + "```", 0)
+        return fresh
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
