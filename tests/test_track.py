@@ -178,10 +178,12 @@ def test_doctor_logs_every_variant_as_a_run_even_from_the_cache(doctored, tmp_pa
     src, first = doctored
     out = tmp_path / "d"
     shutil.copytree(src, out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = first.args[first.args.index("doctor") + 1 : first.args.index("--out")]
     again = cli_subprocess("doctor", *args, f"track.mlflow={uri}", "--out", str(out), "--quiet")
     assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps  # the cache still hits
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("fedgap").experiment_id])
     [parent] = [r for r in runs if r.info.run_name == "doctor"]
