@@ -11,7 +11,7 @@ OUT    ?= runs/doctor
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -e '.[dev,ray]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,tensorboard,mlflow]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -173,6 +173,15 @@ class CheckpointConfig(_Section):
     every: int = Field(1, ge=1, description="write the resumable checkpoint every N rounds (and the last)")
 
 
+class TrackConfig(_Section):
+    tensorboard: str | None = Field(None, description=(
+        "folder for TensorBoard event files (one subfolder per run); needs fedgap[tensorboard]"))
+    mlflow: bool | str | None = Field(None, description=(
+        "MLflow tracking URI (sqlite:///runs/mlflow.db, file:./mlruns, http://127.0.0.1:5000); true = "
+        "sqlite:///mlflow.db in the current folder; needs fedgap[mlflow]"))
+    experiment: str = Field("fedgap", min_length=1, description="MLflow experiment the runs are logged to")
+
+
 class Config(_Section):
     seed: int = Field(0, ge=0, description="seeds the partition, sampling, init and every batch order")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -183,6 +192,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> Config:
@@ -391,7 +401,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 # Keys that change how fast a run goes or what it additionally measures, never its numbers.
-RESULT_NEUTRAL: tuple[tuple[str, ...], ...] = (("engine",), ("checkpoint",), ("eval", "diagnostics"))
+RESULT_NEUTRAL: tuple[tuple[str, ...], ...] = (("engine",), ("checkpoint",), ("eval", "diagnostics"), ("track",))
 
 
 def config_hash(cfg: Config, exclude: tuple[tuple[str, ...], ...] = ()) -> str:

@@ -29,6 +29,7 @@ def cli() -> None:
     fedgap partition   statistics and a heatmap of a client partition
     fedgap model-info  the model built for a config: norm layers replaced, parameters, MACs per image
     fedgap keys        every config key with its default
+    fedgap export      write an experiment as a Flower app
     """
 
 
@@ -170,12 +171,14 @@ def keys(args, resolved, markdown):
 
 
 def _register_commands() -> None:
-    """Commands living in their own modules (doctor, sweep)."""
+    """Commands living in their own modules (doctor, sweep, export)."""
     from fedgap.cli.doctor import doctor
+    from fedgap.cli.export import export
     from fedgap.cli.sweep import sweep
 
     cli.add_command(doctor)
     cli.add_command(sweep)
+    cli.add_command(export)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,8 +65,7 @@ def doctor(args, preset, seeds, out, jobs, target, remedies, quiet):
                        target=target, remedies=remedies)
     res = run_doctor(path, overrides, preset=preset, seeds=seeds, out=out, jobs=jobs, target=target,
                      show_progress=not quiet, command=command,
-                     remedies=tuple(remedies.split(",")) if remedies else None)
-    write_doctor_report(res)
+                     remedies=tuple(remedies.split(",")) if remedies else None, render=write_doctor_report)
     out_console.print(gap_table(res))
     for f in res.findings:
         if f.kind in ("cause", "remedy"):

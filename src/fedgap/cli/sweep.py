@@ -22,9 +22,14 @@ def sweep(args, out, jobs, quiet):
     from fedgap.diagnose.sweep import run_sweep
     from fedgap.report.plots import save, sweep_figure
 
+    def plot(folder: Path, runs) -> None:
+        curves = [(spec.name, [(r["round"], r["test_accuracy"]) for r in rec.rows
+                               if r.get("test_accuracy") is not None]) for spec, rec in runs]
+        save(sweep_figure(curves), folder / "sweep.png")
+
     path, overrides = split_config_args(args)
     keys, rows, runs = run_sweep(path, overrides, out, jobs=jobs, show_progress=not quiet,
-                                 command=" ".join(["fedgap", "sweep", *args]))
+                                 command=" ".join(["fedgap", "sweep", *args]), render=plot)
     table = Table(title=f"fedgap sweep: {len(rows)} runs", title_justify="left")
     for k in keys:
         table.add_column(k)
@@ -37,7 +42,4 @@ def sweep(args, out, jobs, quiet):
                       "-" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.2f}",
                       style="red" if r["error"] else None)
     out_console.print(table)
-    curves = [(spec.name, [(r["round"], r["test_accuracy"]) for r in rec.rows if r.get("test_accuracy") is not None])
-              for spec, rec in runs]
-    save(sweep_figure(curves), out / "sweep.png")
     err_console.print(f"table: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}", highlight=False)

@@ -22,6 +22,7 @@ import dataclasses
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from fedgap.diagnose.tuning import TuneResult, budget_rounds, rungs_for, success
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
 from fedgap.preflight import check_inputs
+from fedgap.track.command import CommandRun
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_val_accuracy", "chosen",
                "searched", "final_std", "best_test_accuracy", "best_std", "gap_equal_samples_pp", "gap_closed",
@@ -102,7 +104,10 @@ def central_epochs(naive: Config, preset: V.DoctorPreset, train_size: int, sizes
 
 def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "quick", seeds: int = 1,
                out: Path, jobs: int | None = None, target: float | None = None, show_progress: bool = True,
-               command: str = "fedgap doctor", remedies: tuple[str, ...] | None = None) -> DoctorResult:
+               command: str = "fedgap doctor", remedies: tuple[str, ...] | None = None,
+               render: Callable[[DoctorResult], None] | None = None) -> DoctorResult:
+    """The doctor (module docstring). ``render`` writes the documents (report.html, gap.md) of the result, before
+    a tracked doctor logs its files (the CLI passes ``fedgap.report.write_doctor_report``)."""
     t0 = time.perf_counter()
     p = V.PRESETS[preset]
     if remedies is not None:
@@ -122,7 +127,14 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
     outputs.prepare_dir(out)
     lock = outputs.RunLock(out)  # one doctor per folder; its runs have their own locks
     try:
-        return _diagnose(naive, tree, p, seeds, out, jobs, target, show_progress, command, t0)
+        with CommandRun(naive, out, "doctor") as tracking:  # track.mlflow: the parent run of the variants' runs
+            result = _diagnose(naive, tree, p, seeds, out, jobs, target, show_progress, command, t0)
+            if render is not None:
+                render(result)
+        tracking.finish(["report.html", "gap.csv", "gap.md", "summary.json", RECOMMENDED],
+                        {f"{k}/{r.variant}": getattr(r, k) for r in result.rows
+                         for k in ("final_test_accuracy", "gap_pp") if getattr(r, k) is not None})
+        return result
     finally:
         lock.release()
 

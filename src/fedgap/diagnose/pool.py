@@ -30,6 +30,7 @@ from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
 from fedgap.progress import console, make_progress
 from fedgap.runtime import die_with_parent
+from fedgap.track.command import track_cached
 
 RUNS = "runs"
 
@@ -200,6 +201,7 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, ti
         done = load_record(spec, run_dir)
         if done is not None:
             records[i] = done
+            track_cached(done)  # track.mlflow: a cached run never tracked in this store is logged from its files
             if on_done:
                 on_done(done)
         else:

@@ -13,6 +13,7 @@ import csv
 import io
 import itertools
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from fedgap.config import load_config
@@ -20,6 +21,8 @@ from fedgap.diagnose.gap import first_round_at, late_accuracy
 from fedgap.diagnose.pool import RunSpec, run_all
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
+from fedgap.track.base import flat_config
+from fedgap.track.command import CommandRun
 
 COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds_to_target", "seconds_per_round", "wall_seconds",
            "diverged_at_round"]
@@ -64,9 +67,11 @@ def slug(items: list[str]) -> str:
 
 
 def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | None = None,
-              show_progress: bool = True, command: str = "fedgap sweep") -> tuple[list[str], list[dict], list]:
+              show_progress: bool = True, command: str = "fedgap sweep",
+              render: Callable[[Path, list], None] | None = None) -> tuple[list[str], list[dict], list]:
     """Run the grid (every point validated before anything runs), write sweep.csv and summary.json, and return
-    (swept keys, one row per run, best final accuracy first, [(spec, record)])."""
+    (swept keys, one row per run, best final accuracy first, [(spec, record)]). ``render(out, runs)`` draws
+    the plots before a tracked sweep logs its files."""
     keys, points = grid(overrides)
     specs = []
     for point in points:
@@ -74,7 +79,9 @@ def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | 
         swept = [p for p in point if p.split("=", 1)[0] in keys]
         specs.append(RunSpec(slug(swept), cfg))
     outputs.prepare_dir(out)
-    records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=show_progress)
+    common = {k: v for k, v in flat_config(specs[0].cfg).items() if k not in keys}  # the parent run's params
+    with CommandRun(specs[0].cfg, out, "sweep", {**common, "sweep.keys": ",".join(keys)}) as tracking:
+        records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=show_progress)
     rows = []
     for spec, point, rec in zip(specs, points, records, strict=True):
         values = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in point}
@@ -94,4 +101,8 @@ def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | 
     writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
     outputs.atomic_write_text(out / "sweep.csv", buf.getvalue())
     outputs.write_json(out / "summary.json", {"keys": keys, "points": rows, "command": command})
-    return keys, rows, list(zip(specs, records, strict=True))
+    runs = list(zip(specs, records, strict=True))
+    if render is not None:
+        render(out, runs)
+    tracking.finish(["sweep.csv", "sweep.png", "summary.json"])
+    return keys, rows, runs

@@ -68,6 +68,7 @@ class RunView:
     engine: Engine  # for evaluation passes (``evaluate``, ``evaluate_test``, ``model``)
     param_keys: list[str]
     bn_layers: list[str]
+    rows: list[dict[str, Any]]  # the metrics rows of the rounds before (read only)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class RoundInfo:
 
 class RoundCallback(Protocol):
     """Called after every round. May also define ``stop_reason(rows) -> str | None``: a reason to end the run
-    after this round (``fedgap.experiment.stopping``)."""
+    after this round (``fedgap.experiment.stopping``), and ``on_run_end(view, summary)``: called once when the
+    run ends, finished or not (summary None then; the trackers close their runs there)."""
 
     def on_round_end(self, info: RoundInfo) -> dict[str, Any]:
         """Return extra metrics-row columns (may be empty)."""
@@ -119,6 +121,10 @@ class Experiment:
 
             self.callbacks.append(Diagnostics())
         self.label = label or ("central" if cfg.data.partition == "central" else cfg.server.algorithm)
+        if cfg.track.tensorboard or cfg.track.mlflow:  # experiment tracking (fedgap.track), off by default
+            from fedgap.track import make_trackers
+
+            self.callbacks += make_trackers(cfg, self.out, self.label)
         self.show_progress, self.shared_progress = show_progress, progress
         self._lock: outputs.RunLock | None = None
         t0 = time.perf_counter()
@@ -172,6 +178,7 @@ class Experiment:
         bar = RunProgress(self.label, total, self.round, self.shared_progress, self.show_progress)
         previous = _install_sigterm()
         t_start = time.perf_counter()
+        summary = None
         try:
             self.engine.start()
             self.startup_seconds += time.perf_counter() - t_start
@@ -189,6 +196,8 @@ class Experiment:
             self.engine.close()
             self._release()
             signal.signal(signal.SIGTERM, previous)
+            for callback in self.callbacks:  # optional end hook (trackers); summary is None if the run did not finish
+                getattr(callback, "on_run_end", lambda *_: None)(self.view(), summary)
         return summary
 
     def _release(self) -> None:
@@ -247,8 +256,7 @@ class Experiment:
             row["diverged"] = True
         if self.norm_policy.personal:
             row["personal_accuracy"] = self._personal_accuracy(output.results) if evaluated else None
-        view = RunView(cfg, self.data, self.parts, self.engine, self.param_keys, self.bn_layers)
-        info = RoundInfo(r, view, tasks, output, previous, self.state, evaluated, row)
+        info = RoundInfo(r, self.view(), tasks, output, previous, self.state, evaluated, row)
         for callback in self.callbacks:
             row.update(callback.on_round_end(info))
         row["seconds"] = time.perf_counter() - t0  # the whole round with its evaluation and diagnostics
@@ -283,6 +291,10 @@ class Experiment:
         return float(np.mean(accs))
 
     # ------------------------------------------------------------------------------------------------ results
+    def view(self) -> RunView:
+        """What callbacks see of this run."""
+        return RunView(self.cfg, self.data, self.parts, self.engine, self.param_keys, self.bn_layers, self.rows)
+
     def stop_reason(self) -> str | None:
         """Why the run ended before server.rounds (a callback's stop rule: target, divergence), or None."""
         return next((why for cb in self.callbacks if hasattr(cb, "stop_reason")

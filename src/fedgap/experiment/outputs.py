@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import json
 import math
 import os
 import pickle
@@ -18,39 +17,14 @@ from typing import Any
 import torch
 
 from fedgap.errors import FedgapError
+from fedgap.files import atomic_write_bytes, atomic_write_text, write_json  # noqa: F401 (callers write through outputs)
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.csv", "summary.json", "checkpoint.pt"
 RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
 
+
 # metrics.csv columns that DESIGN.md promises, in this order; more may follow.
 BASE_COLUMNS = ["round", "test_accuracy", "test_loss", "train_loss", "seconds", "samples"]
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,224 @@
+"""The fedgap side of an exported Flower app (flwr 1.42, message API): what its ClientApp and ServerApp call.
+
+Nothing here re-implements fedgap's math; it moves states between Flower messages and fedgap's own code:
+
+- ClientApp ``train``: ``fedgap.fl.client.local_update`` on the node's client (node config ``partition-id``
+  = fedgap client id; its rows from ``partition.npz``), with the ``ClientHParams`` of the embedded config and
+  the client's state across rounds (``ClientResult.own``: SCAFFOLD's c_i, FedBN's norm layers) kept in
+  ``context.state``.
+- ServerApp: ``FedgapStrategy``, a Flower ``Strategy`` around a fedgap ``Experiment``: each round it sends
+  the global model to exactly the clients ``sample_clients(seed, round, num_clients, k)`` picks (Flower's own
+  node sampling is not used, so both runs train the same clients), aggregates the replies in client-id order
+  with the loop's own aggregation (weighted mean in float64, server optimizer, norm policy, the objective's
+  server state), evaluates on the test set every ``eval.every`` rounds, and writes ``metrics.csv`` and
+  ``summary.json`` as ``fedgap run`` does, plus the final global model (``model.pt``, a state_dict).
+
+States travel as ``ArrayRecord`` (numpy float32/int64 arrays: exact). The server learns which node holds which
+client by a ``query`` message to every node before the first round.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedgap.config import load_config
+from fedgap.errors import FedgapError
+from fedgap.experiment import outputs
+from fedgap.export.flower import load_partition
+from fedgap.fl.client import ClientResult, ClientTask, RoundContext, local_update
+from fedgap.fl.state import State
+
+OWN = "fedgap.own."  # context.state keys of the client's own state, one ArrayRecord per part
+MODEL = "model.pt"  # the final global state_dict, written beside metrics.csv and summary.json
+log = logging.getLogger("fedgap.flower")
+
+
+# ------------------------------------------------------------------------------------------------ records
+def to_record(state: State) -> ArrayRecord:
+    return ArrayRecord.from_torch_state_dict(dict(state))
+
+
+def to_state(record: ArrayRecord) -> State:
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+
+
+def app_paths(context: Context, app_dir: Path) -> tuple[Path, Path]:
+    """(config.yaml, partition.npz): the run config's paths, else the files beside the app package."""
+    rc = context.run_config
+    config = Path(str(rc.get("config-file") or app_dir / "config.yaml"))
+    partition = Path(str(rc.get("partition-file") or app_dir / "partition.npz"))
+    return config, partition
+
+
+def partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise FedgapError("node config: needs partition-id (the fedgap client id this SuperNode holds)")
+    return int(context.node_config["partition-id"])
+
+
+# ------------------------------------------------------------------------------------------------ client
+@functools.cache
+def client_setup(config_file: Path, partition_file: Path):
+    """(config, partition, ClientRunner) of this process, built once: the data set, one model (laid out as
+    fedgap's engines lay it out) and the client hyper-parameters."""
+    from fedgap.engines.runner import ClientRunner
+
+    cfg = load_config(config_file)
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    return cfg, load_partition(partition_file), ClientRunner(cfg)
+
+
+def client_train(msg: Message, context: Context, app_dir: Path) -> Message:
+    _, parts, runner = client_setup(*app_paths(context, app_dir))
+    cid = partition_id(context)
+    conf = msg.content["config"]
+    if int(conf["client-id"]) != cid:
+        raise FedgapError(f"node holds client {cid}, asked to train client {conf['client-id']}")
+    ctx = RoundContext(int(conf["server-round"]), to_state(msg.content["arrays"]), to_state(msg.content["payload"]))
+    own = {k[len(OWN):]: to_state(rec) for k, rec in context.state.array_records.items() if k.startswith(OWN)}
+    res = local_update(runner.model, runner.data.train_x, runner.data.train_y, ctx, ClientTask(cid, parts[cid], own),
+                       runner.hp)
+    for part, state in res.own.items():  # stays on the client
+        context.state[OWN + part] = to_record(state)
+    metrics = MetricRecord({"num-examples": res.num_samples, "train-loss": res.train_loss, "samples": res.samples,
+                            "steps": res.steps, "client-id": cid})
+    content = RecordDict({"arrays": to_record(res.state), "upload": to_record(res.upload), "metrics": metrics})
+    return Message(content, reply_to=msg)
+
+
+def client_query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id(context)})}), reply_to=msg)
+
+
+# ------------------------------------------------------------------------------------------------ server
+def discover(grid: Grid, num_clients: int, wait_seconds: float) -> dict[int, int]:
+    """fedgap client id -> node id, asked of every node once all ``num_clients`` are connected."""
+    deadline = time.monotonic() + wait_seconds
+    while len(node_ids := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise FedgapError(f"only {len(node_ids)} of data.num_clients={num_clients} SuperNodes connected "
+                              f"within {wait_seconds:g} s")
+        time.sleep(0.2)
+    asks = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    nodes = {}
+    for reply in grid.send_and_receive(asks, timeout=wait_seconds):
+        if not reply.has_error():
+            nodes[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
+    return nodes
+
+
+class FedgapStrategy(Strategy):
+    """fedgap's round loop, one Flower round at a time (see the module docstring)."""
+
+    def __init__(self, cfg, out: Path | None = None, node_wait_seconds: float = 120.0):
+        from fedgap.experiment.loop import Experiment
+
+        self.exp = Experiment(cfg, None, show_progress=False, label="flower")
+        self.exp.engine.start()  # fedgap's engine only evaluates here, in this process
+        self.out, self.node_wait = out, node_wait_seconds
+        self.nodes: dict[int, int] = {}
+        self.row: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        c = self.exp.cfg
+        log.info("fedgap %s: objective %s, server optimizer %s, norm policy %s, %d of %d clients per round",
+                 c.server.algorithm, c.client.objective, c.server.optimizer, c.model.norm_policy,
+                 c.server.clients_per_round, c.data.num_clients)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        from fedgap.experiment.loop import sample_clients
+
+        cfg, exp = self.exp.cfg, self.exp
+        if not self.nodes:
+            self.nodes = discover(grid, cfg.data.num_clients, self.node_wait)
+        self.t0 = time.perf_counter()
+        sampled = [int(c) for c in sample_clients(cfg.seed, server_round, cfg.data.num_clients,
+                                                  cfg.server.clients_per_round)]
+        self.unreachable = [c for c in sampled if c not in self.nodes]
+        payload = to_record(exp.objective.payload(exp.objective_state))
+        return [Message(RecordDict({"arrays": arrays, "payload": payload,
+                                    "config": ConfigRecord({"server-round": server_round, "client-id": c})}),
+                        dst_node_id=self.nodes[c], message_type=MessageType.TRAIN)
+                for c in sampled if c in self.nodes]
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        exp, cfg = self.exp, self.exp.cfg
+        replies = list(replies)
+        results = sorted((_result(m) for m in replies if not m.has_error()), key=lambda r: r.client_id)
+        failed = len(replies) - len(results) + len(self.unreachable)
+        if len(results) < cfg.server.min_clients:
+            raise FedgapError(f"round {server_round}: {len(results)} clients replied, fewer than "
+                              f"server.min_clients={cfg.server.min_clients}")
+        exp.state = exp._aggregate(results)  # the loop's own aggregation: one copy of the math
+        self.row = {
+            "round": server_round, "test_accuracy": None, "test_loss": None,
+            "train_loss": float(np.average([r.train_loss for r in results], weights=[r.samples for r in results])),
+            "seconds": None, "samples": int(sum(r.samples for r in results)), "clients": len(results),
+            "clients_failed": failed, "train_seconds": time.perf_counter() - self.t0,
+        }
+        return to_record(exp.state), MetricRecord({"train-loss": self.row["train_loss"],
+                                                    "samples": self.row["samples"]})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        return []  # fedgap evaluates the global model on the server's test set (``evaluate``)
+
+    def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
+        return None
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """The centralized evaluation Flower calls after every round (and before the first: skipped, as in
+        fedgap); also completes the round's metrics row."""
+        exp, cfg = self.exp, self.exp.cfg
+        if server_round == 0:
+            return None
+        test = None
+        if server_round % cfg.eval.every == 0 or server_round == cfg.server.rounds:
+            test = exp.engine.evaluate_test(exp.state)
+            self.row.update(test_accuracy=test.accuracy, test_loss=test.loss)
+        self.row["seconds"] = time.perf_counter() - self.t0
+        exp.rows.append(self.row)
+        exp.round, exp.wall_seconds = server_round, exp.wall_seconds + self.row["seconds"]
+        if self.out is not None:
+            outputs.write_metrics(self.out / outputs.METRICS, exp.rows)
+        return None if test is None else MetricRecord({"test-accuracy": test.accuracy, "test-loss": test.loss})
+
+    def finish(self) -> dict[str, Any]:
+        summary = self.exp.summary()
+        summary["engine"] = "flower"
+        if self.out is not None:
+            outputs.write_json(self.out / outputs.SUMMARY, summary)
+            torch.save(self.exp.state, self.out / MODEL)
+        self.exp.engine.close()
+        return summary
+
+
+def _result(msg: Message) -> ClientResult:
+    m = msg.content["metrics"]
+    return ClientResult(client_id=int(m["client-id"]), num_samples=int(m["num-examples"]),
+                        state=to_state(msg.content["arrays"]), train_loss=float(m["train-loss"]),
+                        samples=int(m["samples"]), steps=int(m["steps"]), upload=to_state(msg.content["upload"]))
+
+
+def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
+    """The ServerApp's main: fedgap's experiment as a Flower strategy; returns the run summary."""
+    config_file, _ = app_paths(context, app_dir)
+    cfg = load_config(config_file)
+    out = Path(str(context.run_config.get("out-dir") or app_dir / "flower-run"))
+    outputs.prepare_dir(out)
+    outputs.atomic_write_text(out / outputs.CONFIG, config_file.read_text())
+    strategy = FedgapStrategy(cfg, out, float(context.run_config.get("node-wait-seconds", 120)))
+    strategy.start(grid, to_record(strategy.exp.state), num_rounds=cfg.server.rounds, evaluate_fn=strategy.evaluate)
+    return strategy.finish()

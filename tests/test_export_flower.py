@@ -1,0 +1,138 @@
+"""``fedgap export flower``: the app's files, what is refused, and the proof that the exported app is the same
+experiment: run in Flower's simulation engine, it gives the same per-round numbers and final model as
+``fedgap run`` of its config.
+
+Tolerance, derived: both runs execute the same float operations in the same order. The clients are the same
+(the strategy trains exactly ``sample_clients(seed, round, ...)``), each client runs ``local_update`` with the
+same seeds on the same rows, states travel as float32 arrays (exact), and the server aggregates with the loop's
+own ``Experiment._aggregate`` in client-id order. With one intra-op thread on both sides (``engine.threads=1``:
+fedgap's sequential engine and Flower's Ray actors alike) every kernel reduces in the same order, so the
+difference is zero: the test asserts bit-for-bit equal states and equal metrics. With more threads on one side
+parallel reductions add in another order (about 1e-7 relative per operation, < 1e-3 absolute after three rounds
+here, see tests/test_ray_engine.py), which can move a test accuracy by a prediction or two.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, cli, cli_subprocess
+from fedgap.config import load_config
+from fedgap.data.datasets import load_dataset
+from fedgap.data.partition import partition_for
+from fedgap.experiment.outputs import read_metrics
+from fedgap.export.flower import PACKAGE, load_partition
+
+
+def tiny(root: str, *extra: str) -> list[str]:
+    """6 clients, 4 per round, 3 rounds on the tiny IDX set; one intra-op thread (see the module docstring)."""
+    return ["data.name=idx", f"data.root={root}", "data.num_clients=6", "server.clients_per_round=4",
+            "data.min_samples=5", "server.rounds=3", "eval.every=1", "engine.threads=1", *extra]
+
+
+def test_export_and_flower_have_help(capsys):
+    code, out, _ = cli("export", "--help", capsys=capsys)
+    assert code == 0 and "flower" in out
+    code, out, _ = cli("export", "flower", "--help", capsys=capsys)
+    assert code == 0 and "--out" in out and "partition" in out
+
+
+def test_export_writes_the_app_config_and_partition(tiny_idx, tmp_path, capsys):
+    out = tmp_path / "app"
+    code, _, err = cli("export", "flower", *tiny(tiny_idx, "server.algorithm=scaffold", "track.mlflow=true"),
+                       "engine.name=parallel", "--out", str(out), capsys=capsys)
+    assert code == 0, err
+    cfg = load_config(overrides=tiny(tiny_idx, "server.algorithm=scaffold"))
+    exported = load_config(out / "config.yaml")
+    assert exported.engine.name == "sequential" and not exported.track.mlflow  # Flower is the engine
+    assert exported.client == cfg.client and exported.server == cfg.server and exported.model == cfg.model
+    assert exported.data == cfg.data and exported.seed == cfg.seed
+    parts = load_partition(out / "partition.npz")
+    expected = partition_for(cfg.data, load_dataset("idx", tiny_idx).train_y.numpy(), cfg.seed)
+    assert sorted(parts) == list(range(6)) and all(np.array_equal(parts[i], p) for i, p in enumerate(expected))
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((out / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": f"{PACKAGE}.server_app:app", "clientapp": f"{PACKAGE}.client_app:app"}
+    assert app["config"]["config-file"] == str((out / "config.yaml").resolve())
+    assert any(d.startswith("fedgap") for d in project["project"]["dependencies"])
+    assert any(d.startswith("flwr[simulation]>=1.42") for d in project["project"]["dependencies"])
+    for name in ("client_app.py", "server_app.py"):
+        ast.parse((out / PACKAGE / name).read_text())
+    assert "@app.train()" in (out / PACKAGE / "client_app.py").read_text()
+    assert "@app.main()" in (out / PACKAGE / "server_app.py").read_text()
+
+
+@pytest.mark.parametrize("setting, first_words", [
+    ("model.norm_policy=recalibrate", "model.norm_policy: recalibrate cannot be exported to Flower"),
+    ("eval.stop_at_target=true", "eval.stop_at_target: cannot be exported to Flower"),
+])
+def test_what_cannot_be_exported_is_refused_in_one_line(tiny_idx, tmp_path, setting, first_words):
+    out = tmp_path / "app"
+    done = cli_subprocess("export", "flower", *tiny(tiny_idx, setting), "--out", str(out))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"fedgap: error: {first_words}") and done.stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_exported_pyproject_is_a_valid_flower_app(tiny_idx, tmp_path, capsys):
+    pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedgap[flower]')")
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from flwr.common.config import validate_config
+
+    out = tmp_path / "app"
+    assert cli("export", "flower", *tiny(tiny_idx), "--out", str(out), capsys=capsys)[0] == 0
+    sys.path.insert(0, str(out))
+    try:
+        ok, errors, _ = validate_config(tomllib.loads((out / "pyproject.toml").read_text()), check_module=True,
+                                        project_dir=out)
+    finally:
+        sys.path.remove(str(out))
+        for name in [m for m in sys.modules if m.startswith(PACKAGE)]:
+            del sys.modules[name]
+    assert ok, errors
+
+
+SHARED = ["round", "test_accuracy", "test_loss", "train_loss", "samples", "clients", "clients_failed"]
+
+
+@pytest.mark.slow
+def test_exported_app_in_flower_simulation_is_the_same_experiment(tiny_idx, tmp_path, capsys):
+    """FedAvg, SCAFFOLD (client control variates in context.state) and FedBN with a FedYogi server (local norm
+    layers in context.state, server optimizer state): Flower's simulation against `fedgap run`, 3 rounds."""
+    pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedgap[flower]')")
+    pytest.importorskip("ray", reason="Flower's simulation engine needs ray (pip install 'fedgap[flower]')")
+    settings = {"fedavg": [], "scaffold": ["server.algorithm=scaffold"],
+                "fedbn-yogi": ["server.algorithm=fedbn", "server.optimizer=yogi"]}
+    apps = {}
+    for name, extra in settings.items():
+        apps[name] = tmp_path / name
+        assert cli("export", "flower", *tiny(tiny_idx, *extra), "--out", str(apps[name]), capsys=capsys)[0] == 0
+        ran = cli_subprocess("run", str(apps[name] / "config.yaml"), "--out", str(tmp_path / f"{name}-fedgap"),
+                             "--quiet")
+        assert ran.returncode == 0, ran.stderr[-2000:]
+    import subprocess
+
+    sim = subprocess.run([sys.executable, str(REPO / "tests" / "flower_sim.py"), "6", *map(str, apps.values())],
+                         capture_output=True, text=True, timeout=900)
+    assert sim.returncode == 0, sim.stderr[-4000:]
+    listening = json.loads(sim.stdout.strip().splitlines()[-1].removeprefix("LISTENING "))
+    assert listening and set(listening) <= {"127.0.0.1", "::ffff:7f00:1", "::1"}, listening  # loopback only
+
+    for name in settings:
+        flower_rows = read_metrics(apps[name] / "flower-run" / "metrics.csv")
+        fedgap_rows = read_metrics(tmp_path / f"{name}-fedgap" / "metrics.csv")
+        assert [[r[k] for k in SHARED] for r in flower_rows] == [[r[k] for k in SHARED] for r in fedgap_rows], name
+        flower_state = torch.load(apps[name] / "flower-run" / "model.pt")
+        fedgap_state = torch.load(tmp_path / f"{name}-fedgap" / "checkpoint.pt", weights_only=False)["state"]
+        assert flower_state.keys() == fedgap_state.keys()
+        for key, value in fedgap_state.items():
+            assert torch.equal(flower_state[key], value), (name, key)  # bit for bit
+        summary = json.loads((apps[name] / "flower-run" / "summary.json").read_text())
+        assert summary["rounds_completed"] == 3 and summary["engine"] == "flower"
