@@ -229,7 +229,7 @@ def _forward_selection(tree: dict, singles: list[V.Variant], scores: dict[str, f
                        records: dict[str, list[RunRecord]]) -> tuple[list[V.Variant], list[str]]:
     """Greedy forward selection over the tuned remedies of different causes, on validation accuracy.
 
-    Start from the best tuned variant; each step tries adding the best-tuned remedy of every cause not yet in
+    Start from the best tuned remedy; each step tries adding the best-tuned remedy of every cause not yet in
     the set (all tries of a step run in parallel) and keeps the one that raises validation accuracy most; stop
     when none does or after ``p.combine_steps`` additions. Each remedy keeps its tuned values (where two set one
     key, such as client.lr, the one already in the set wins)."""
@@ -237,10 +237,14 @@ def _forward_selection(tree: dict, singles: list[V.Variant], scores: dict[str, f
     ranked = sorted((v for v in singles if scores.get(v.key) is not None), key=lambda v: -scores[v.key])
     if not ranked:
         return [], ["no tuned variant finished; no combination was searched"]
-    best_of_cause: dict[str, V.Variant] = {}
+    best_of_cause: dict[str, V.Variant] = {}  # remedies of causes; tuned FedAvg is a reference, not a cause
     for v in ranked:
-        best_of_cause.setdefault(v.cause, v)
-    current, current_score = [ranked[0]], scores[ranked[0].key]
+        if v.cause in V.CAUSES:
+            best_of_cause.setdefault(v.cause, v)
+    if not best_of_cause:
+        return [], ["no remedy finished; no combination was searched"]
+    first = max(best_of_cause.values(), key=lambda v: scores[v.key])
+    current, current_score = [first], scores[first.key]
     tried: list[V.Variant] = []
     known = {results_hash(v.cfg) for v in singles}
     for _ in range(p.combine_steps):

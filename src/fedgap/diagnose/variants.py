@@ -135,7 +135,7 @@ class DoctorPreset:
 
 PRESETS = {
     "quick": DoctorPreset(
-        "quick", rounds=30, eval_every=2, central_epochs=3, rungs=(10, 30), combine_steps=2,
+        "quick", rounds=30, eval_every=3, central_epochs=3, rungs=(10, 30), combine_steps=2,
         remedies=("tuned", "fedbn", "logit_adjust", "fedlc", "fedrs", "fedadam"),
     ),
     "full": DoctorPreset("full", rounds=200, eval_every=5, central_epochs=15, rungs=(25, 75, 200), tune_lr=True,

@@ -13,8 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 CENTRAL, NAIVE = "#222222", "#d62728"
-CAUSE_COLORS = {"normalization": "#1f77b4", "client drift": "#2ca02c", "server optimizer": "#9467bd",
-                "regularization": "#ff7f0e", "combined": "#8c564b", "": "#7f7f7f"}
+# one colour per cause group (fedgap.diagnose.variants.CAUSES), the combinations and the tuned-FedAvg reference
+CAUSE_COLORS = {"normalization": "#1f77b4", "client drift": "#2ca02c", "label skew (classifier)": "#17becf",
+                "server optimizer and schedules": "#9467bd", "regularization": "#ff7f0e", "combined": "#8c564b",
+                "tuning alone": "#bcbd22", "": "#7f7f7f"}
 
 
 def save(fig, path: str | Path) -> Path:
