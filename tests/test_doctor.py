@@ -122,8 +122,9 @@ def test_successive_halving_keeps_the_best_third_by_validation_and_extends_it(mo
     # validation peaks at tau 1.0, lr 0.05; grid order: tau-major
     run_all, calls = fake_runs(lambda c: 0.9 - abs(c.objective.logit_adjust.tau - 1.0) / 10 - abs(c.client.lr - 0.05))
     monkeypatch.setattr(tuning, "run_all", run_all)
-    res = tuning.successive_halving([search], tree, (25, 75, 200), 3, tmp_path, rounds=200, jobs=1,
-                                    show_progress=False, title="t")["logit_adjust"]
+    results, _ = tuning.successive_halving([search], tree, (25, 75, 200), 3, tmp_path, rounds=200, jobs=1,
+                                           show_progress=False, title="t")
+    res = results["logit_adjust"]
     assert [len(c) for c in calls] == [9, 3, 1] and [c[0][1] for c in calls] == [25, 75, 200]
     assert res.best.point == ("objective.logit_adjust.tau=1.0", "client.lr=0.05")
     assert res.rounds_trained == 9 * 25 + 3 * 50 + 125 == tuning.budget_rounds([search], (25, 75, 200), 3, 200)

@@ -151,19 +151,21 @@ def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Pat
     parts = partition_for(d, labels, naive.seed)
     stats = partition_stats(parts, labels, data.num_classes)
 
-    # 1. the baselines
+    # 1. the baselines, run with the first rung of 2. every remedy tuned on the validation split
     epochs = central_epochs(naive, p, sum(len(x) for x in parts), [len(x) for x in parts])
     central = V.Variant("central", "centralized", "", V.central_config(naive, epochs))
     naive_v = V.Variant("naive", "naive", "", naive)
-    records = _run([central, naive_v], seeds, out, jobs, show_progress, f"doctor ({preset}): baselines")
-
-    # 2. every remedy tuned on the validation split
+    baselines, owners = _specs([central, naive_v], seeds)
     searches, skipped = V.searches(naive, tree, p)
     budget = {"rungs": rungs_for(p.rungs, naive.server.rounds), "keep": p.keep,
               "candidates": sum(len(s.grid) for s in searches),
               "planned_rounds": budget_rounds(searches, p.rungs, p.keep, naive.server.rounds)}
-    tuning = successive_halving(searches, tree, p.rungs, p.keep, out, rounds=naive.server.rounds, jobs=jobs,
-                                show_progress=show_progress, title=f"doctor ({preset}): tuning")
+    tuning, got = successive_halving(searches, tree, p.rungs, p.keep, out, rounds=naive.server.rounds, jobs=jobs,
+                                     show_progress=show_progress, title=f"doctor ({preset}): tuning",
+                                     also=baselines)
+    records: dict[str, list[RunRecord]] = {"central": [], "naive": []}
+    for key, rec in zip(owners, got, strict=True):
+        records[key].append(rec)
     budget["trained_rounds"] = sum(r.rounds_trained for r in tuning.values())
     singles = []
     for key, res in tuning.items():
@@ -210,13 +212,19 @@ def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Pat
     return result
 
 
-def _run(variants: list[V.Variant], seeds: int, out: Path, jobs: int | None, show_progress: bool,
-         title: str, first: int = 0) -> dict[str, list[RunRecord]]:
+def _specs(variants: list[V.Variant], seeds: int, first: int = 0) -> tuple[list[RunSpec], list[str]]:
+    """One spec per variant and seed, and the variant key of each."""
     specs, owners = [], []
     for v in variants:
         for i in range(first, seeds):
             specs.append(RunSpec(f"{v.key}-s{i}", seeded(v.cfg, i), diagnostics=v.key == "naive"))
             owners.append(v.key)
+    return specs, owners
+
+
+def _run(variants: list[V.Variant], seeds: int, out: Path, jobs: int | None, show_progress: bool,
+         title: str, first: int = 0) -> dict[str, list[RunRecord]]:
+    specs, owners = _specs(variants, seeds, first)
     got = run_all(specs, out, jobs=jobs, title=title, show_progress=show_progress) if specs else []
     records: dict[str, list[RunRecord]] = {v.key: [] for v in variants}
     for key, rec in zip(owners, got, strict=True):

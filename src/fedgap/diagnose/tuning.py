@@ -69,8 +69,12 @@ def rungs_for(rungs: tuple[int, ...], rounds: int) -> list[int]:
 
 
 def successive_halving(searches: list[Search], tree: dict, rungs: tuple[int, ...], keep: int, out: Path, *,
-                       rounds: int, jobs: int | None, show_progress: bool, title: str) -> dict[str, TuneResult]:
+                       rounds: int, jobs: int | None, show_progress: bool, title: str,
+                       also: list[RunSpec] = ()) -> tuple[dict[str, TuneResult], list[RunRecord]]:
+    """Returns the searches' results and the records of ``also``: runs that go with the first rung's batch
+    (the doctor's baselines), so no core idles while a long baseline runs alone."""
     trials = {s.remedy.key: [Trial(s, i, p) for i, p in enumerate(s.grid)] for s in searches}
+    also_records: list[RunRecord] = []
     alive = {k: list(v) for k, v in trials.items()}
     steps = rungs_for(rungs, rounds)
     for level, length in enumerate(steps):
@@ -78,8 +82,10 @@ def successive_halving(searches: list[Search], tree: dict, rungs: tuple[int, ...
         # a search down to one candidate goes straight to the last rung: an intermediate score decides nothing
         batch = [t for ts in alive.values() for t in ts if last or len(ts) > 1]
         specs = [RunSpec(t.name, _at_length(t.search.candidate(tree, t.point), length)) for t in batch]
-        records = run_all(specs, out, jobs=jobs, show_progress=show_progress,
+        extra = list(also) if level == 0 else []
+        records = run_all(extra + specs, out, jobs=jobs, show_progress=show_progress,
                           title=f"{title}: rung {level + 1} of {len(steps)} ({length} rounds)")
+        also_records, records = records[: len(extra)] or also_records, records[len(extra):]
         for t, rec in zip(batch, records, strict=True):
             t.record, t.scores[length] = rec, validation_score(rec)
         if not last:
@@ -92,7 +98,7 @@ def successive_halving(searches: list[Search], tree: dict, rungs: tuple[int, ...
         best = min(ts, key=lambda t: t.rank_key(rounds))
         trained = sum(max(t.scores, default=0) for t in trials[key])
         results[key] = TuneResult(ts[0].search, best, trials[key], trained)
-    return results
+    return results, also_records
 
 
 def _at_length(cfg: Config, rounds: int) -> Config:
