@@ -11,6 +11,7 @@ every run folder is locked while it is written, so a killed doctor leaves no orp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -196,7 +197,13 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, ti
     root.mkdir(parents=True, exist_ok=True)
     records: dict[int, RunRecord] = {}
     todo: list[tuple[int, RunSpec, Path]] = []
+    first: dict[str, int] = {}  # specs with one config hash run once (a grid point equal to the naive run)
+    aliases: dict[int, int] = {}
     for i, spec in enumerate(specs):
+        if spec.key in first:
+            aliases[i] = first[spec.key]
+            continue
+        first[spec.key] = i
         run_dir = run_dir_for(root, spec)
         done = load_record(spec, run_dir)
         if done is not None:
@@ -218,6 +225,8 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, ti
                 _run_in_pool(todo, records, jobs, threads, display, on_done)
         finally:
             display.close()
+    for i, j in aliases.items():
+        records[i] = dataclasses.replace(records[j], spec=specs[i])
     return [records[i] for i in range(len(specs))]
 
 
