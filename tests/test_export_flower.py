@@ -104,12 +104,16 @@ SHARED = ["round", "test_accuracy", "test_loss", "train_loss", "samples", "clien
 
 @pytest.mark.slow
 def test_exported_app_in_flower_simulation_is_the_same_experiment(tiny_idx, tmp_path, capsys):
-    """FedAvg, SCAFFOLD (client control variates in context.state) and FedBN with a FedYogi server (local norm
-    layers in context.state, server optimizer state): Flower's simulation against `fedgap run`, 3 rounds."""
+    """FedAvg, SCAFFOLD (client control variates in context.state), FedBN with a FedYogi server (local norm
+    layers in context.state, server optimizer state) and the doctor's default recommendation (logit adjustment +
+    FedBN): Flower's simulation against `fedgap run`, 3 rounds."""
     pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedgap[flower]')")
     pytest.importorskip("ray", reason="Flower's simulation engine needs ray (pip install 'fedgap[flower]')")
     settings = {"fedavg": [], "scaffold": ["server.algorithm=scaffold"],
-                "fedbn-yogi": ["server.algorithm=fedbn", "server.optimizer=yogi"]}
+                "fedbn-yogi": ["server.algorithm=fedbn", "server.optimizer=yogi"],
+                # the doctor's recommendation on the default setting: logit adjustment with the client's label
+                # prior (computed from its own partition inside local_update) + FedBN
+                "recommended": ["client.objective=logit_adjust", "model.norm_policy=local"]}
     apps = {}
     for name, extra in settings.items():
         apps[name] = tmp_path / name
@@ -130,7 +134,7 @@ def test_exported_app_in_flower_simulation_is_the_same_experiment(tiny_idx, tmp_
         fedgap_rows = read_metrics(tmp_path / f"{name}-fedgap" / "metrics.csv")
         assert [[r[k] for k in SHARED] for r in flower_rows] == [[r[k] for k in SHARED] for r in fedgap_rows], name
         flower_state = torch.load(apps[name] / "flower-run" / "model.pt")
-        fedgap_state = torch.load(tmp_path / f"{name}-fedgap" / "checkpoint.pt", weights_only=False)["state"]
+        fedgap_state = torch.load(tmp_path / f"{name}-fedgap" / "checkpoint.pt", weights_only=True)["state"]
         assert flower_state.keys() == fedgap_state.keys()
         for key, value in fedgap_state.items():
             assert torch.equal(flower_state[key], value), (name, key)  # bit for bit
