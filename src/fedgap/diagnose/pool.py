@@ -76,30 +76,36 @@ def extension_key(cfg: Config) -> str | None:
     return config_hash(cfg, RESULT_NEUTRAL + (("server", "rounds"), ("eval", "every")))[:12]
 
 
-def start_from_shorter(root: Path, spec: RunSpec, run_dir: Path) -> int:
-    """Successive halving extends runs instead of repeating them: if a run of the same config with fewer
-    rounds exists, copy its checkpoint and metrics into ``run_dir`` so the run resumes from there (a resumed
-    run ends exactly as an uninterrupted one, tests/test_run.py). Returns the rounds it starts from (0: none)."""
-    key = extension_key(spec.cfg)
+def finished_prefixes(root: Path) -> list[tuple[str, int, Path]]:
+    """(extension key, rounds completed, folder) of every finished, non-diverged run under ``root``: read once
+    per ``run_all`` call, not once per spec."""
     base = root / RUNS
-    if key is None or run_dir.exists() or not base.exists():
-        return 0
-    best, best_rounds = None, 0
-    for other in base.iterdir():
-        ckpt, cfg_file = other / outputs.CHECKPOINT, other / outputs.CONFIG
-        if not (ckpt.exists() and cfg_file.exists() and (other / outputs.SUMMARY).exists()):
+    out = []
+    for other in base.iterdir() if base.exists() else ():
+        ckpt, cfg_file, summary_file = other / outputs.CHECKPOINT, other / outputs.CONFIG, other / outputs.SUMMARY
+        if not (ckpt.exists() and cfg_file.exists() and summary_file.exists()):
             continue
         try:
-            cfg = config_from_dict(read_yaml(cfg_file))
+            key = extension_key(config_from_dict(read_yaml(cfg_file)))
         except FedgapError:
             continue
-        summary = json.loads((other / outputs.SUMMARY).read_text())
-        done = int(summary.get("rounds_completed") or 0)
-        if extension_key(cfg) == key and best_rounds < done < spec.cfg.server.rounds and \
-                not summary.get("diverged_at_round"):
-            best, best_rounds = other, done
-    if best is None:
+        summary = json.loads(summary_file.read_text())
+        if key is not None and not summary.get("diverged_at_round"):
+            out.append((key, int(summary.get("rounds_completed") or 0), other))
+    return out
+
+
+def start_from_shorter(prefixes: list[tuple[str, int, Path]], spec: RunSpec, run_dir: Path) -> int:
+    """Successive halving extends runs instead of repeating them: if a run of the same config with fewer
+    rounds exists (``prefixes``), copy its checkpoint and metrics into ``run_dir`` so the run resumes from there
+    (a resumed run ends exactly as an uninterrupted one, tests/test_run.py). Returns the rounds it starts from."""
+    key = extension_key(spec.cfg)
+    if key is None or run_dir.exists():
         return 0
+    shorter = [(done, other) for k, done, other in prefixes if k == key and 0 < done < spec.cfg.server.rounds]
+    if not shorter:
+        return 0
+    best_rounds, best = max(shorter, key=lambda item: item[0])
     run_dir.mkdir(parents=True)
     for name in (outputs.CONFIG, outputs.METRICS, outputs.CHECKPOINT):
         shutil.copy2(best / name, run_dir / name)
@@ -198,6 +204,7 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, ti
     records: dict[int, RunRecord] = {}
     todo: list[tuple[int, RunSpec, Path]] = []
     first: dict[str, int] = {}  # specs with one config hash run once (a grid point equal to the naive run)
+    prefixes: list | None = None
     aliases: dict[int, int] = {}
     for i, spec in enumerate(specs):
         if spec.key in first:
@@ -212,7 +219,9 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, ti
             if on_done:
                 on_done(done)
         else:
-            start_from_shorter(root, spec, run_dir)
+            if prefixes is None:
+                prefixes = finished_prefixes(root)
+            start_from_shorter(prefixes, spec, run_dir)
             todo.append((i, spec, run_dir))
     if todo:
         jobs = min(jobs or default_jobs(specs[0].cfg), len(todo))
