@@ -95,6 +95,20 @@ def test_a_combination_keeps_each_remedys_tuned_values_and_the_earlier_one_wins_
     assert combo.key == "logit_adjust+fedbn" and combo.cause == "combined"
 
 
+def test_a_combination_joins_a_loss_objective_and_a_gradient_objective():
+    tree = V.base_tree(V.PRESETS["quick"], None, [])
+    la = V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None,
+                   ("client.objective=logit_adjust", "objective.logit_adjust.tau=0.5", "client.lr=0.1"))
+    dyn = V.Variant("feddyn", "FedDyn", V.DRIFT, None, ("client.objective=feddyn", "objective.feddyn.alpha=0.1"))
+    combo = V.combined(tree, [la, dyn])
+    assert combo.cfg.client.objective == "logit_adjust+feddyn"
+    assert (combo.cfg.objective.logit_adjust.tau, combo.cfg.objective.feddyn.alpha) == (0.5, 0.1)
+    assert combo.overrides[0] == "client.objective=logit_adjust+feddyn"
+    # two loss objectives do not compose: the earlier (better on validation) stays alone
+    rs = V.Variant("fedrs", "FedRS", V.LABEL_SKEW, None, ("client.objective=fedrs",))
+    assert V.combined(tree, [la, rs]).cfg.client.objective == "logit_adjust"
+
+
 # ----------------------------------------------------------------------------------------- tuning
 def fake_runs(score_of):
     """A stand-in for the pool: each run's validation curve is flat at ``score_of(cfg)``."""

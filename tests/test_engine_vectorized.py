@@ -27,7 +27,7 @@ from fedgap.engines.vectorized import batch_table, num_steps, train_cohort
 from fedgap.errors import ConfigError
 from fedgap.experiment.loop import Experiment, initial_model
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext, client_objective, local_update
-from fedgap.fl.objectives import OBJECTIVES
+from fedgap.fl.objectives import GRADIENT, LOSS, OBJECTIVES
 from fedgap.models import build_model
 from fedgap.models.norm import float_norm_keys
 
@@ -122,15 +122,23 @@ CASES = {
 
 # Every registered objective, with non-default hyper-parameters where it has any: a new objective is tested here
 # without anyone adding a case (clients of 3-11 samples hold few classes, so label counts differ and miss some).
-OBJECTIVE_CASES = {
-    f"objective-{name}": [f"client.objective={name}", "server.mu=0.3",
-                          *(f"objective.{name}.{field}=0.3" for field in cls.Params.model_fields if cls.own_section)]
-    for name, cls in OBJECTIVES.items()
-}
+def objective_case(spec: str) -> list[str]:
+    return [f"client.objective={spec}", "server.mu=0.3",
+            *(f"objective.{name}.{field}=0.3" for name in spec.split("+")
+              for field in OBJECTIVES[name].Params.model_fields if OBJECTIVES[name].own_section)]
 
 
-@pytest.mark.parametrize("overrides", [*CASES.values(), *OBJECTIVE_CASES.values()],
-                         ids=[*CASES.keys(), *OBJECTIVE_CASES.keys()])
+OBJECTIVE_CASES = {f"objective-{name}": objective_case(name) for name in OBJECTIVES}
+# Every join of a loss objective and a gradient objective (fedgap.fl.objectives.composite), for the cohort check;
+# two of them end to end.
+JOINED = [f"{a}+{b}" for a, ca in OBJECTIVES.items() if ca.role == LOSS for b, cb in OBJECTIVES.items()
+          if cb.role == GRADIENT]
+JOINED_CASES = {f"objective-{spec}": objective_case(spec) for spec in JOINED}
+JOINED_E2E = {k: JOINED_CASES[k] for k in ("objective-logit_adjust+scaffold", "objective-fedrs+feddyn")}
+
+
+@pytest.mark.parametrize("overrides", [*CASES.values(), *OBJECTIVE_CASES.values(), *JOINED_CASES.values()],
+                         ids=[*CASES.keys(), *OBJECTIVE_CASES.keys(), *JOINED_CASES.keys()])
 def test_cohort_equals_local_update_in_float64(tiny, overrides):
     cfg, model, hp, ctx, tasks = setup(tiny, overrides)
     seq, vec = run_both(tiny, cfg, model, hp, ctx, tasks, torch.float64)
@@ -238,7 +246,8 @@ def float64_runs(monkeypatch):
     torch.set_default_dtype(dtype)
 
 
-@pytest.mark.parametrize("extra", [*E2E.values(), *OBJECTIVE_CASES.values()], ids=[*E2E.keys(), *OBJECTIVE_CASES])
+@pytest.mark.parametrize("extra", [*E2E.values(), *OBJECTIVE_CASES.values(), *JOINED_E2E.values()],
+                         ids=[*E2E.keys(), *OBJECTIVE_CASES, *JOINED_E2E])
 def test_vectorized_gives_the_sequential_final_model(tiny_idx, float64_runs, extra):
     seq = experiment(tiny_idx, *extra)
     vec = experiment(tiny_idx, *extra, "engine.name=vectorized")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext, local_update
-from fedgap.fl.objectives import OBJECTIVES, ClientSetup, make_objective
+from fedgap.fl.objectives import OBJECTIVES, ClientSetup, make_objective, objective_spec
 from fedgap.fl.state import weighted_mean
 
 
@@ -101,17 +101,22 @@ def test_label_smoothing_spreads_epsilon_over_the_classes():
     assert loss_of("label_smoothing", [1.0, 0.0], (3, 1), epsilon=0.2) == pytest.approx(0.9 * lse + 0.1 * (1 + lse))
 
 
-def one_step(objective, y, **params):
+def one_step_result(objective, y, payload=None, params=None):
     """One SGD step (lr 1, no momentum) of a zero-initialized bias-free linear model on x = 1 through
-    local_update: returns the two class weights after the step."""
+    local_update (the client's ClientResult)."""
     model = torch.nn.Linear(1, 2, bias=False).double()
     torch.nn.init.zeros_(model.weight)
-    obj_params = OBJECTIVES[objective].Params(**params)
     hp = ClientHParams(seed=0, lr=1.0, momentum=0.0, batch_size=len(y), objective=objective,
-                       objective_params=obj_params, num_classes=2, channels_last=False)
+                       objective_params=params, num_classes=2, channels_last=False)
     x = torch.ones(len(y), 1, dtype=torch.float64)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    res = local_update(model, x, torch.tensor(y), RoundContext(1, state), ClientTask(0, np.arange(len(y))), hp)
+    ctx = RoundContext(1, state, payload or {})
+    return local_update(model, x, torch.tensor(y), ctx, ClientTask(0, np.arange(len(y))), hp)
+
+
+def one_step(objective, y, **params):
+    """The two class weights after one step (see ``one_step_result``)."""
+    res = one_step_result(objective, y, params=OBJECTIVES[objective].Params(**params))
     return res.state["weight"][:, 0].tolist()
 
 
@@ -133,6 +138,50 @@ def test_one_step_fedlc():
 def test_one_step_fedrs_damps_the_missing_class():
     # class 1 missing: d loss / d z_1 = alpha * softmax_1 = 0.5 * 0.5; class 0: 0.5 - 1
     assert one_step("fedrs", [0, 0, 0, 0], alpha=0.5) == pytest.approx([0.5, -0.25])
+
+
+# --- joined objectives: the loss of one, the gradient correction and state of the other ----------------------
+C = torch.tensor([[0.1], [-0.1]], dtype=torch.float64)  # SCAFFOLD's server control variate for the weight
+
+
+def test_logit_adjustment_with_scaffold_steps_by_the_correction_alone():
+    # logit adjustment's mean gradient is exactly zero here, so the step is -lr (0 + c - c_i) with c_i = 0
+    res = one_step_result("logit_adjust+scaffold", [0, 0, 0, 1], payload={"weight": C})
+    assert res.state["weight"][:, 0].tolist() == pytest.approx([-0.1, 0.1], abs=1e-15)
+    # c_i+ is the mean raw gradient of the adjusted loss, zero (plain SCAFFOLD would record cross-entropy's)
+    assert res.own["objective"]["weight"][:, 0].tolist() == pytest.approx([0.0, 0.0], abs=1e-15)
+    plain = one_step_result("scaffold", [0, 0, 0, 1], payload={"weight": C})
+    assert plain.state["weight"][:, 0].tolist() == pytest.approx([0.25 - 0.1, -0.25 + 0.1])
+    assert plain.own["objective"]["weight"][:, 0].tolist() == pytest.approx([-0.25, 0.25])
+
+
+def test_joined_objective_takes_each_parts_hyper_parameters():
+    params = (OBJECTIVES["logit_adjust"].Params(tau=0.0), OBJECTIVES["scaffold"].Params())
+    res = one_step_result("logit_adjust+scaffold", [0, 0, 0, 1], payload={"weight": C}, params=params)
+    assert res.state["weight"][:, 0].tolist() == pytest.approx([0.25 - 0.1, -0.25 + 0.1])  # tau 0: plain CE
+
+
+def test_joined_objective_runs_the_gradient_parts_server_side():
+    joined = make_objective("fedrs+feddyn", (OBJECTIVES["fedrs"].Params(), OBJECTIVES["feddyn"].Params(alpha=0.5)))
+    alone = make_objective("feddyn", alpha=0.5)
+    h = {"w": torch.tensor([0.2], dtype=torch.float64)}
+    assert joined.server_model({"w": torch.tensor([1.0], dtype=torch.float64)}, h)["w"].item() == \
+        alone.server_model({"w": torch.tensor([1.0], dtype=torch.float64)}, h)["w"].item() == pytest.approx(0.6)
+    assert joined.name == "fedrs+feddyn"
+
+
+@pytest.mark.parametrize("spec, canonical", [("scaffold+logit_adjust", "logit_adjust+scaffold"),
+                                             ("fedlc + prox", "fedlc+prox"), ("feddyn", "feddyn")])
+def test_objective_spec_puts_the_loss_part_first(spec, canonical):
+    assert objective_spec(spec) == canonical
+
+
+@pytest.mark.parametrize("spec, says", [("logit_adjust+fedlc", "cannot be joined"), ("prox+scaffold", "cannot be "
+                                        "joined"), ("local+prox", "cannot be joined"), ("fedlc+nope", "'nope'"),
+                                        ("logit_adjust+prox+fedlc", "cannot be joined")])
+def test_objective_spec_refuses_what_does_not_compose(spec, says):
+    with pytest.raises(ValueError, match=says):
+        objective_spec(spec)
 
 
 # --- two clients, f_i(w) = a_i/2 (w - b_i)^2, equal weights, K local GD steps of size lr --------------------

@@ -148,7 +148,8 @@ def test_every_ray_port_listens_on_loopback_only():
 
 # The presets with state of their own, and every other registered objective (a new one is tested on Ray here).
 SAME_MODEL = ["server.algorithm=fedavg", "server.algorithm=scaffold", "server.algorithm=fedbn",
-              *(f"client.objective={name}" for name in OBJECTIVES if name not in ("local", "scaffold"))]
+              *(f"client.objective={name}" for name in OBJECTIVES if name not in ("local", "scaffold")),
+              "client.objective=logit_adjust+scaffold"]  # a joined objective (fedgap.fl.objectives.composite)
 
 
 @pytest.mark.parametrize("setting", SAME_MODEL, ids=[s.split("=")[1] for s in SAME_MODEL])

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from fedgap.engines import ENGINES
 from fedgap.errors import ConfigError
 from fedgap.fl.normpolicy import NORM_POLICIES
-from fedgap.fl.objectives import OBJECTIVES
+from fedgap.fl.objectives import GRADIENT, LOSS, OBJECTIVES, objective_spec
 from fedgap.fl.presets import PRESETS
 from fedgap.fl.server import SERVER_OPTIMIZERS
 from fedgap.models.registry import MODELS, is_import_path, names_text
@@ -29,7 +29,6 @@ PartitionName = Literal["iid", "dirichlet", "shards", "quantity", "central"]
 NormName = Literal["batch", "group", "layer", "instance", "none"]
 # The component names come from their registries (the single source): a new objective, server optimizer,
 # preset or engine is a valid config value, described in `fedgap keys`, by adding its registry line.
-ClientObjective = Literal[tuple(OBJECTIVES)]
 NormPolicy = Literal[tuple(NORM_POLICIES)]
 ServerOptimizer = Literal[tuple(SERVER_OPTIMIZERS)]
 EngineName = Literal[tuple(ENGINES)]
@@ -38,6 +37,10 @@ Algorithm = Literal[tuple(PRESETS)]
 
 def _names(registry) -> str:
     return " | ".join(registry)
+
+
+def _role(role: str) -> list[str]:
+    return [name for name, cls in OBJECTIVES.items() if cls.role == role]
 
 
 class _Section(BaseModel):
@@ -107,11 +110,20 @@ class ClientConfig(_Section):
     augment: bool = Field(False, description="random shifts and rotations of client batches")
     augment_shift: int = Field(2, ge=0, le=8, description="max random shift in pixels")
     augment_rotate: float = Field(10.0, ge=0, le=45, description="max random rotation in degrees")
-    objective: ClientObjective | None = Field(
-        None, description=f"{_names(OBJECTIVES)}; default: from server.algorithm (objective.* holds their "
-                          f"hyper-parameters)")
+    objective: str | None = Field(None, description=(
+        f"{_names(OBJECTIVES)}, or a loss objective ({_names(_role(LOSS))}) + a gradient objective "
+        f"({_names(_role(GRADIENT))}), e.g. logit_adjust+scaffold; default: from server.algorithm "
+        f"(objective.* holds their hyper-parameters)"))
     lr_decay: float = Field(1.0, gt=0, le=1, description=(
         "client lr schedule: round r trains at client.lr * lr_decay^(r-1) (1 = constant)"))
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, spec: str | None) -> str | None:
+        try:
+            return None if spec is None else objective_spec(spec)
+        except ValueError as exc:
+            raise ValueError(f"client.objective: {exc}") from None
 
 
 class ServerConfig(_Section):

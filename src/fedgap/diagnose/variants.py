@@ -16,6 +16,7 @@ import itertools
 from dataclasses import dataclass
 
 from fedgap.config import Config, config_from_dict, config_to_dict, merge, parse_overrides, read_yaml
+from fedgap.fl.objectives import objective_spec
 
 # cause groups, in the order the report lists them
 NORMALIZATION, DRIFT, LABEL_SKEW = "normalization", "client drift", "label skew (classifier)"
@@ -193,6 +194,14 @@ def central_config(naive: Config, epochs: int) -> Config:
     return config_from_dict(tree)
 
 
+def joined_objective(a: str, b: str) -> str | None:
+    """The two client objectives joined, or None where they do not compose (two loss objectives, ...)."""
+    try:
+        return objective_spec(f"{a}+{b}")
+    except ValueError:
+        return None
+
+
 @dataclass
 class Search:
     """A remedy's search: its base overrides and the grid of hyper-parameter overrides tried on top."""
@@ -230,16 +239,19 @@ def searches(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[list[Sear
 
 def combined(tree: dict, parts: list[Variant]) -> Variant:
     """Remedies applied together, each with its tuned values; where two set one key (client.lr), the earlier
-    (better on validation) wins."""
+    (better on validation) wins, except that two client objectives that compose are joined
+    (``client.objective=logit_adjust+scaffold``: a loss objective and a gradient objective)."""
     overrides: list[str] = []
-    seen: dict[str, str] = {}
     for v in parts:
         for item in v.overrides:
-            k = item.split("=", 1)[0]
-            if k in seen:
-                continue
-            seen[k] = item
-            overrides.append(item)
+            k, value = item.split("=", 1)
+            at = next((i for i, o in enumerate(overrides) if o.split("=", 1)[0] == k), None)
+            if at is None:
+                overrides.append(item)
+            elif k == "client.objective":
+                joined = joined_objective(overrides[at].split("=", 1)[1], value)
+                if joined:
+                    overrides[at] = f"{k}={joined}"
     key = "+".join(v.key for v in parts)
     label = " + ".join(v.label for v in parts)
     return Variant(key, label, "combined", with_overrides(tree, overrides), tuple(overrides))

@@ -21,7 +21,7 @@ import torch
 from fedgap import seeding
 from fedgap.fl.augment import random_affine
 from fedgap.fl.normpolicy import norm_policy
-from fedgap.fl.objectives import OBJECTIVES, ClientSetup, Objective, make_objective
+from fedgap.fl.objectives import ClientSetup, Objective, make_objective, objective_params
 from fedgap.fl.state import State
 
 
@@ -40,7 +40,7 @@ class ClientHParams:
     augment_shift: int = 2
     augment_rotate: float = 10.0
     objective: str = "local"
-    objective_params: object = None  # the objective's Params (pydantic model); None: its defaults
+    objective_params: object = None  # one Params per part of ``objective`` (a tuple); None: their defaults
     num_classes: int = 10
     norm_policy: str = "average"
     norm_keys: frozenset[str] = frozenset()
@@ -54,7 +54,7 @@ class ClientHParams:
             seed=cfg.seed, optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
             epochs=c.epochs, batch_size=c.batch_size, augment=c.augment, augment_shift=c.augment_shift,
             augment_rotate=c.augment_rotate, objective=c.objective,
-            objective_params=OBJECTIVES[c.objective].params_from(cfg), num_classes=num_classes,
+            objective_params=objective_params(c.objective, cfg), num_classes=num_classes,
             norm_policy=cfg.model.norm_policy, norm_keys=frozenset(norm_keys),
             channels_last=cfg.engine.channels_last, fail_clients=frozenset(cfg.engine.fail_clients),
         )

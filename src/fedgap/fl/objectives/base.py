@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict
 
 from fedgap.fl.state import State
 
+LOSS, GRADIENT = "loss", "gradient"  # Objective.role
+
 
 class NoParams(BaseModel):
     """An objective's hyper-parameters: a pydantic model whose fields are config keys ``objective.<name>.*``."""
@@ -69,6 +71,10 @@ class Objective:
     summary = "plain local cross-entropy (FedAvg)"
     citation = "McMahan et al. 2017"
     own_section = True  # its Params are config keys objective.<name>.* (if it has any)
+    # What it changes, so that two objectives can be joined (``logit_adjust+scaffold``, fedgap.fl.objectives.
+    # composite): LOSS objectives only override ``logits``/``loss``; GRADIENT objectives only the gradient
+    # correction and the state (client and server). A composition holds at most one of each.
+    role = ""
 
     def __init__(self, params: BaseModel | None = None):
         self.p = params if params is not None else self.Params()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fedgap.fl.objectives.base import ClientOutcome, NoParams, Objective
+from fedgap.fl.objectives.base import GRADIENT, ClientOutcome, NoParams, Objective
 
 
 class FedDynParams(NoParams):
@@ -22,6 +22,7 @@ class FedDynParams(NoParams):
 
 class FedDynObjective(Objective):
     name = "feddyn"
+    role = GRADIENT
     Params = FedDynParams
     summary = "dynamic regularizer -<h_i, w> + alpha/2 ||w - w_global||^2 (objective.feddyn.alpha)"
     citation = "Acar et al. 2021"

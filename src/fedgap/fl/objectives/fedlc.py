@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedgap.fl.objectives.base import NoParams, Objective
+from fedgap.fl.objectives.base import LOSS, NoParams, Objective
 
 
 class FedLCParams(NoParams):
@@ -20,6 +20,7 @@ class FedLCParams(NoParams):
 
 class FedLCObjective(Objective):
     name = "fedlc"
+    role = LOSS
     Params = FedLCParams
     summary = "logits - tau n_client(y)^(-1/4) in local training"
     citation = "Zhang et al. 2022"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedgap.fl.objectives.base import NoParams, Objective
+from fedgap.fl.objectives.base import LOSS, NoParams, Objective
 
 
 class FedRSParams(NoParams):
@@ -19,6 +19,7 @@ class FedRSParams(NoParams):
 
 class FedRSObjective(Objective):
     name = "fedrs"
+    role = LOSS
     Params = FedRSParams
     summary = "logits of classes the client lacks scaled by alpha in local training"
     citation = "Li & Zhan 2021"

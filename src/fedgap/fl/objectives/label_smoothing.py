@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from fedgap.fl.objectives.base import NoParams, Objective
+from fedgap.fl.objectives.base import LOSS, NoParams, Objective
 
 
 class LabelSmoothingParams(NoParams):
@@ -17,6 +17,7 @@ class LabelSmoothingParams(NoParams):
 
 class LabelSmoothingObjective(Objective):
     name = "label_smoothing"
+    role = LOSS
     Params = LabelSmoothingParams
     summary = "cross-entropy with smoothed labels"
     citation = "Szegedy et al. 2016"

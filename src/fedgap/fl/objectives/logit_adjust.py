@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedgap.fl.objectives.base import NoParams, Objective
+from fedgap.fl.objectives.base import LOSS, NoParams, Objective
 
 
 class LogitAdjustParams(NoParams):
@@ -22,6 +22,7 @@ class LogitAdjustParams(NoParams):
 
 class LogitAdjustObjective(Objective):
     name = "logit_adjust"
+    role = LOSS
     Params = LogitAdjustParams
     summary = "logits + tau log pi_client(y) in local training (balanced softmax)"
     citation = "Menon et al. 2021"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fedgap.fl.objectives.base import NoParams, Objective
+from fedgap.fl.objectives.base import GRADIENT, NoParams, Objective
 
 
 class ProxParams(NoParams):
@@ -18,6 +18,7 @@ class ProxParams(NoParams):
 
 class ProxObjective(Objective):
     name = "prox"
+    role = GRADIENT
     Params = ProxParams
     summary = "local loss + mu/2 ||w - w_global||^2 (server.mu)"
     citation = "Li et al. 2020"

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from fedgap.fl.objectives.base import ClientOutcome, Objective, per_client
+from fedgap.fl.objectives.base import GRADIENT, ClientOutcome, Objective, per_client
 
 
 class ScaffoldObjective(Objective):
     name = "scaffold"
+    role = GRADIENT
     summary = "gradients corrected by control variates c - c_i"
     citation = "Karimireddy et al. 2020"
 
