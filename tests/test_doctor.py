@@ -144,28 +144,55 @@ def test_successive_halving_keeps_the_best_third_by_validation_and_extends_it(mo
     assert res.rounds_trained == 9 * 25 + 3 * 50 + 125 == tuning.budget_rounds([search], (25, 75, 200), 3, 200)
 
 
-def test_forward_selection_adds_a_cause_only_while_validation_rises(monkeypatch, tmp_path):
-    from fedgap.diagnose import doctor
+def forward_selection(monkeypatch, tmp_path, score):
+    """The doctor's forward selection over LA (best), FedBN and FedAdam (single-tuned at server lr 0.01), on a
+    stand-in pool whose runs score ``score(cfg)`` on validation."""
+    from fedgap.diagnose import doctor, tuning
 
     tree = V.base_tree(V.PRESETS["quick"], None, [])
     singles = [V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None, ("client.objective=logit_adjust",)),
                V.Variant("fedbn", "FedBN", V.NORMALIZATION, None, ("model.norm_policy=local",)),
-               V.Variant("fedadam", "FedAdam", V.SERVER, None, ("server.optimizer=adam",))]
+               V.Variant("fedadam", "FedAdam", V.SERVER, None, ("server.optimizer=adam", "server.lr=0.01"))]
     for v in singles:
         v.cfg = V.with_overrides(tree, v.overrides)
     scores = {"logit_adjust": 0.90, "fedbn": 0.85, "fedadam": 0.80}
+    run_all, calls = fake_runs(score)
+    monkeypatch.setattr(tuning, "run_all", run_all)
+    records, tuned = {}, {}
+    naive = V.config_from_dict(tree)
+    tried, notes, spent = doctor._forward_selection(naive, tree, singles, scores, V.PRESETS["quick"], tmp_path, 1,
+                                                    False, records, tuned)
+    return tried, notes, spent, calls, scores, tuned
 
+
+def test_forward_selection_retunes_each_added_remedy_on_top_of_the_set(monkeypatch, tmp_path):
+    def score(cfg):  # FedBN adds 2 pp to LA; FedAdam adds 0.5 pp at server lr 0.001, costs 1 pp at others
+        adam = (0.005 if cfg.server.lr == 0.001 else -0.01) if cfg.server.optimizer == "adam" else 0.0
+        return 0.90 + 0.02 * (cfg.model.norm_policy == "local") + adam
+
+    tried, notes, spent, calls, scores, tuned = forward_selection(monkeypatch, tmp_path, score)
+    adam = [f"logit_adjust+fedadam-{i}" for i in range(3)]
+    assert [[c for c in call] for call in calls] == [
+        [(n, 10) for n in adam],  # FedAdam's server lr again, on top of LA (FedBN has nothing to tune)
+        [("logit_adjust+fedbn-0", 30), ("logit_adjust+fedadam-0", 30)],
+        [(f"logit_adjust+fedbn+fedadam-{i}", 10) for i in range(3)],  # and again on top of LA + FedBN
+        [("logit_adjust+fedbn+fedadam-0", 30)]]
+    assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
+    final = tried[-1]
+    assert scores[final.key] == pytest.approx(0.925) and not notes
+    assert (final.cfg.server.lr, final.cfg.model.norm_policy, final.cfg.client.objective) == \
+        (0.001, "local", "logit_adjust")  # not the 0.01 FedAdam chose under plain cross-entropy
+    assert tuned[final.key].best.point == ("server.lr=0.001",)
+    assert spent == 3 * 10 + 20 + 30 + 3 * 10 + 20
+
+
+def test_forward_selection_adds_a_cause_only_while_validation_rises(monkeypatch, tmp_path):
     def score(cfg):  # FedBN adds 2 pp to logit adjustment; FedAdam costs 1 pp whatever it joins
         return 0.90 + 0.02 * (cfg.model.norm_policy == "local") - 0.01 * (cfg.server.optimizer == "adam")
 
-    run_all, calls = fake_runs(score)
-    monkeypatch.setattr(doctor, "run_all", run_all)
-    records = {}
-    tried, notes = doctor._forward_selection(tree, singles, scores, V.PRESETS["quick"], tmp_path, 1, False, records)
-    assert [[name for name, _ in c] for c in calls] == [["logit_adjust+fedbn-s0", "logit_adjust+fedadam-s0"],
-                                                       ["logit_adjust+fedbn+fedadam-s0"]]
-    assert scores["logit_adjust+fedbn"] == pytest.approx(0.92) and "stopped" in notes[0]
+    tried, notes, _, calls, scores, _ = forward_selection(monkeypatch, tmp_path, score)
     assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
+    assert scores["logit_adjust+fedbn"] == pytest.approx(0.92) and "stopped" in notes[0]
 
 
 # ----------------------------------------------------------------------------------------- gap arithmetic

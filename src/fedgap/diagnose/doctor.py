@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgap import __version__
-from fedgap.config import Config, config_to_dict, dump_yaml, results_hash
+from fedgap.config import Config, config_to_dict, dump_yaml
 from fedgap.diagnose import variants as V
 from fedgap.diagnose.diagnosis import Finding, write_diagnosis
 from fedgap.diagnose.gap import GapRow, gap_rows, noise_pp
@@ -176,7 +176,9 @@ def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Pat
     scores = {v.key: validation_score(records[v.key][0]) for v in [central, naive_v, *singles]}
 
     # 3. the combination, by greedy forward selection on validation accuracy
-    combos, notes = _forward_selection(tree, singles, scores, p, out, jobs, show_progress, records)
+    combos, notes, spent = _forward_selection(naive, tree, singles, scores, p, out, jobs, show_progress, records,
+                                              tuning)
+    budget["combination_rounds"] = spent
     variants = [central, naive_v, *singles, *combos]
     if seeds > 1:  # more seeds of what was chosen, for the report (selection used seed 0 only)
         extra = _run([v for v in variants if v.key not in ("central", "naive")], seeds, out, jobs, show_progress,
@@ -232,49 +234,57 @@ def _run(variants: list[V.Variant], seeds: int, out: Path, jobs: int | None, sho
     return records
 
 
-def _forward_selection(tree: dict, singles: list[V.Variant], scores: dict[str, float | None], p: V.DoctorPreset,
-                       out: Path, jobs: int | None, show_progress: bool,
-                       records: dict[str, list[RunRecord]]) -> tuple[list[V.Variant], list[str]]:
-    """Greedy forward selection over the tuned remedies of different causes, on validation accuracy.
+def _forward_selection(naive: Config, tree: dict, singles: list[V.Variant], scores: dict[str, float | None],
+                       p: V.DoctorPreset, out: Path, jobs: int | None, show_progress: bool,
+                       records: dict[str, list[RunRecord]],
+                       tuning: dict[str, TuneResult]) -> tuple[list[V.Variant], list[str], int]:
+    """Greedy forward selection over the remedies of different causes, on validation accuracy.
 
-    Start from the best tuned remedy; each step tries adding the best-tuned remedy of every cause not yet in
-    the set (all tries of a step run in parallel) and keeps the one that raises validation accuracy most; stop
-    when none does or after ``p.combine_steps`` additions. Each remedy keeps its tuned values (where two set one
-    key, such as client.lr, the one already in the set wins)."""
+    Start from the best tuned remedy; each step adds every cause not yet in the set through its best remedy,
+    with that remedy's own hyper-parameters tuned again on top of the set by the same successive halving
+    (a server lr or a FedDyn alpha tuned under plain cross-entropy need not suit logit adjustment; the set's
+    client lr stays), all causes' searches in one halving; it keeps the addition that raises validation accuracy
+    most and stops when none does or after ``p.combine_steps`` additions. Client objectives of two causes are
+    joined (``logit_adjust+feddyn``). Each addition's tuning goes into ``tuning`` under its key. Returns the
+    variants tried, notes for the report and the training rounds spent."""
     notes: list[str] = []
     ranked = sorted((v for v in singles if scores.get(v.key) is not None), key=lambda v: -scores[v.key])
     if not ranked:
-        return [], ["no tuned variant finished; no combination was searched"]
+        return [], ["no tuned variant finished; no combination was searched"], 0
     best_of_cause: dict[str, V.Variant] = {}  # remedies of causes; tuned FedAvg is a reference, not a cause
     for v in ranked:
         if v.cause in V.CAUSES:
             best_of_cause.setdefault(v.cause, v)
     if not best_of_cause:
-        return [], ["no remedy finished; no combination was searched"]
-    first = max(best_of_cause.values(), key=lambda v: scores[v.key])
-    current, current_score = [first], scores[first.key]
+        return [], ["no remedy finished; no combination was searched"], 0
+    current = max(best_of_cause.values(), key=lambda v: scores[v.key])
+    causes, current_score = {current.cause}, scores[current.key]
     tried: list[V.Variant] = []
-    known = {results_hash(v.cfg) for v in singles}
+    spent = 0
     for _ in range(p.combine_steps):
-        used = {v.cause for v in current}
-        options = [V.combined(tree, current + [v]) for c, v in best_of_cause.items() if c not in used]
-        options = [o for o in options if results_hash(o.cfg) not in known]
-        if not options:
+        searches = [V.added_search(tree, current, V.REMEDY_BY_KEY[v.key], naive)
+                    for c, v in best_of_cause.items() if c not in causes]
+        if not searches:
             break
-        got = _run(options, 1, out, jobs, show_progress, f"doctor ({p.name}): combination")
-        for o in options:
-            records[o.key] = got[o.key]
-            scores[o.key] = validation_score(got[o.key][0] if got[o.key] else None)
-            known.add(results_hash(o.cfg))
-        tried += options
-        step_best = max(options, key=lambda o: scores[o.key] if scores[o.key] is not None else -1.0)
+        step, _ = successive_halving(searches, tree, p.rungs, p.keep, out, rounds=naive.server.rounds, jobs=jobs,
+                                     show_progress=show_progress, title=f"doctor ({p.name}): combination")
+        options = []
+        for key, res in step.items():
+            label = f"{current.label} + {res.search.remedy.label}"
+            v = V.Variant(key, label, "combined", res.search.candidate(tree, res.best.point),
+                          res.search.overrides + res.best.point)
+            records[key], scores[key], tuning[key] = [res.best.record], validation_score(res.best.record), res
+            spent += res.rounds_trained
+            options.append((v, res.search.remedy.cause))
+        tried += [v for v, _ in options]
+        step_best, cause = max(options, key=lambda o: scores[o[0].key] if scores[o[0].key] is not None else -1.0)
         if scores[step_best.key] is None or current_score is None or scores[step_best.key] <= current_score:
-            notes.append(f"adding a remedy of another cause to {' + '.join(v.label for v in current)} did not "
-                         f"raise validation accuracy; the search stopped there")
+            notes.append(f"adding a remedy of another cause to {current.label} did not raise validation accuracy; "
+                         f"the search stopped there")
             break
-        current = current + [next(v for v in best_of_cause.values() if v.key == step_best.key.split("+")[-1])]
-        current_score = scores[step_best.key]
-    return tried, notes
+        current, current_score = step_best, scores[step_best.key]
+        causes.add(cause)
+    return tried, notes, spent
 
 
 # ------------------------------------------------------------------------------------------------- outputs

@@ -45,7 +45,7 @@ class Trial:
 
     @property
     def name(self) -> str:
-        return f"{self.search.remedy.key}-{self.index}"
+        return f"{self.search.key}-{self.index}"
 
     def rank_key(self, rounds: int) -> tuple:
         score = self.scores.get(rounds)
@@ -73,7 +73,7 @@ def successive_halving(searches: list[Search], tree: dict, rungs: tuple[int, ...
                        also: list[RunSpec] = ()) -> tuple[dict[str, TuneResult], list[RunRecord]]:
     """Returns the searches' results and the records of ``also``: runs that go with the first rung's batch
     (the doctor's baselines), so no core idles while a long baseline runs alone."""
-    trials = {s.remedy.key: [Trial(s, i, p) for i, p in enumerate(s.grid)] for s in searches}
+    trials = {s.key: [Trial(s, i, p) for i, p in enumerate(s.grid)] for s in searches}
     also_records: list[RunRecord] = []
     alive = {k: list(v) for k, v in trials.items()}
     steps = rungs_for(rungs, rounds)

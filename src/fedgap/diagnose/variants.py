@@ -210,6 +210,11 @@ class Search:
     overrides: tuple[str, ...]
     space: tuple[Knob, ...]
     grid: list[tuple[str, ...]]
+    name: str = ""  # the runs' name ("logit_adjust+fedadam" when the remedy is added to a set); default remedy.key
+
+    @property
+    def key(self) -> str:
+        return self.name or self.remedy.key
 
     def candidate(self, tree: dict, point: tuple[str, ...]) -> Config:
         return with_overrides(tree, self.overrides + point)
@@ -237,13 +242,29 @@ def searches(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[list[Sear
     return out, skipped
 
 
+def added_search(tree: dict, current: Variant, remedy: Remedy, naive: Config) -> Search:
+    """The search for ``remedy`` added to the set ``current``: its own hyper-parameters tuned again on top
+    (a server lr tuned under plain cross-entropy need not suit logit adjustment); the set's client lr stays,
+    unless the remedy's own knobs hold the client lr (AdamW: another optimizer)."""
+    base = join_overrides([current.overrides, remedy_overrides(naive, remedy)])
+    return Search(remedy, base, remedy.knobs, grid(remedy.knobs), name=f"{current.key}+{remedy.key}")
+
+
 def combined(tree: dict, parts: list[Variant]) -> Variant:
-    """Remedies applied together, each with its tuned values; where two set one key (client.lr), the earlier
-    (better on validation) wins, except that two client objectives that compose are joined
-    (``client.objective=logit_adjust+scaffold``: a loss objective and a gradient objective)."""
+    """Remedies applied together, each with its tuned values (see ``join_overrides``)."""
+    overrides = join_overrides([v.overrides for v in parts])
+    key = "+".join(v.key for v in parts)
+    label = " + ".join(v.label for v in parts)
+    return Variant(key, label, "combined", with_overrides(tree, overrides), tuple(overrides))
+
+
+def join_overrides(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """Override groups applied together: where two set one key (client.lr), the earlier (better on validation)
+    wins, except that two client objectives that compose are joined (``client.objective=logit_adjust+scaffold``:
+    a loss objective and a gradient objective)."""
     overrides: list[str] = []
-    for v in parts:
-        for item in v.overrides:
+    for group in groups:
+        for item in group:
             k, value = item.split("=", 1)
             at = next((i for i, o in enumerate(overrides) if o.split("=", 1)[0] == k), None)
             if at is None:
@@ -252,6 +273,4 @@ def combined(tree: dict, parts: list[Variant]) -> Variant:
                 joined = joined_objective(overrides[at].split("=", 1)[1], value)
                 if joined:
                     overrides[at] = f"{k}={joined}"
-    key = "+".join(v.key for v in parts)
-    label = " + ".join(v.label for v in parts)
-    return Variant(key, label, "combined", with_overrides(tree, overrides), tuple(overrides))
+    return tuple(overrides)

@@ -98,7 +98,15 @@ def _tuning(res) -> str:
     return (f"<p>Every remedy was tuned on the validation split by successive halving: {_e(b['candidates'])} "
             f"candidates, compared after {_e(', '.join(str(r) for r in b['rungs']))} rounds, the best third kept "
             f"at each rung; budget {_e(b['planned_rounds'])} training rounds, {_e(b.get('trained_rounds', '-'))} "
-            f"trained.{rec}</p>")
+            f"trained.{_combination_budget(b)}{rec}</p>")
+
+
+def _combination_budget(b: dict) -> str:
+    spent = b.get("combination_rounds")
+    if not spent:
+        return ""
+    return (f" The combination search tuned each added remedy's own values again on top of the set (the set's "
+            f"client lr kept), by the same halving: {_e(spent)} more training rounds.")
 
 
 def _setting(cfg) -> str:
