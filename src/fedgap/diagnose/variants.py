@@ -68,7 +68,7 @@ REMEDIES: tuple[Remedy, ...] = (
     Remedy("scaffold", "SCAFFOLD", DRIFT, ("client.objective=scaffold",),
            why="control variates correct the client gradients (Karimireddy et al. 2020)"),
     Remedy("feddyn", "FedDyn", DRIFT, ("client.objective=feddyn",),
-           (Knob("objective.feddyn.alpha", (0.001, 0.01, 0.1)),),
+           (Knob("objective.feddyn.alpha", (0.001, 0.003, 0.01, 0.1)),),
            why="dynamic regularization aligns local and global stationary points (Acar et al. 2021)"),
     Remedy("logit_adjust", "logit adjustment", LABEL_SKEW, ("client.objective=logit_adjust",),
            (Knob("objective.logit_adjust.tau", (0.5, 1.0, 2.0)),),
