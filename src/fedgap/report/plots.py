@@ -65,12 +65,17 @@ def accuracy_figure(curves: list[tuple[str, str, str, list[tuple[int, float, flo
     """Left: test accuracy per round for every variant, the centralized final accuracy as a dashed line.
     Right: the same against training samples processed, with the centralized run's own curve.
     ``curves``: (key, label, cause, [(round, accuracy, cumulative samples), ...]), seed 0 of each."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for key, label, cause, pts in curves:
-        if not pts:
-            continue
+    shown = [c for c in curves if c[3]]
+    rows = -(-(len(shown) + 1) // 3)  # legend rows below the plots, three entries a row
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6 + 0.22 * rows))
+    dashes = ("-", "--", "-.", ":")
+    seen: dict[str, int] = {}  # variants of one colour (a cause, the combinations) get different dashes
+    for key, label, cause, pts in shown:
         r, a, s = (np.array(x, dtype=float) for x in zip(*pts, strict=True))
         style = _style(key, cause)
+        if key not in ("naive", "central"):
+            n = seen[style["color"]] = seen.get(style["color"], -1) + 1
+            style["ls"] = dashes[n % len(dashes)]
         if len(r) <= 15:
             style["marker"] = "o"
             style["ms"] = 3.5
@@ -89,8 +94,8 @@ def accuracy_figure(curves: list[tuple[str, str, str, list[tuple[int, float, flo
     ax1.set_title("accuracy per round")
     ax2.set_title("accuracy per training sample (centralized = one client)")
     handles, labels = ax1.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.83, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * rows / fig.get_figheight() + 0.02, 1, 1))
     return fig
 
 
