@@ -39,6 +39,11 @@ ROWS: dict[str, tuple[int | None, list[str], int]] = {
     "E1-noniid-scaffold": (None, [*NON_IID, "client.epochs=1", "server.algorithm=scaffold"], 700),
     # the label-skew remedy at its default tau 1 (balanced softmax), not tuned here; alone and under FedAdam
     "E1-noniid-logit-adjust": (None, [*NON_IID, "client.epochs=1", "client.objective=logit_adjust"], 700),
+    # FedDyn (alpha 0.01, the full doctor's choice on the default setting), alone and joined to logit adjustment
+    "E1-noniid-feddyn": (None, [*NON_IID, "client.epochs=1", "client.objective=feddyn", "objective.feddyn.alpha=0.01"],
+                         700),
+    "E1-noniid-logit-adjust-feddyn": (None, [*NON_IID, "client.epochs=1", "client.objective=logit_adjust+feddyn",
+                                             "objective.feddyn.alpha=0.01"], 700),
     "E1-noniid-logit-adjust-fedadam": (None, [*NON_IID, "client.epochs=1", "client.objective=logit_adjust",
                                               "server.algorithm=fedadam", "server.lr=0.003"], 700),
 }
