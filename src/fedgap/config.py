@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from fedgap.engines import ENGINES
 from fedgap.errors import ConfigError
 from fedgap.fl.normpolicy import NORM_POLICIES
-from fedgap.fl.objectives import GRADIENT, LOSS, OBJECTIVES, objective_spec
+from fedgap.fl.objectives import GRADIENT, LOSS, OBJECTIVES, objective_spec, with_role
 from fedgap.fl.presets import PRESETS
 from fedgap.fl.server import SERVER_OPTIMIZERS
 from fedgap.models.registry import MODELS, is_import_path, names_text
@@ -37,10 +37,6 @@ Algorithm = Literal[tuple(PRESETS)]
 
 def _names(registry) -> str:
     return " | ".join(registry)
-
-
-def _role(role: str) -> list[str]:
-    return [name for name, cls in OBJECTIVES.items() if cls.role == role]
 
 
 class _Section(BaseModel):
@@ -111,8 +107,8 @@ class ClientConfig(_Section):
     augment_shift: int = Field(2, ge=0, le=8, description="max random shift in pixels")
     augment_rotate: float = Field(10.0, ge=0, le=45, description="max random rotation in degrees")
     objective: str | None = Field(None, description=(
-        f"{_names(OBJECTIVES)}, or a loss objective ({_names(_role(LOSS))}) + a gradient objective "
-        f"({_names(_role(GRADIENT))}), e.g. logit_adjust+scaffold; default: from server.algorithm "
+        f"{_names(OBJECTIVES)}, or a loss objective ({_names(with_role(LOSS))}) + a gradient objective "
+        f"({_names(with_role(GRADIENT))}), e.g. logit_adjust+scaffold; default: from server.algorithm "
         f"(objective.* holds their hyper-parameters)"))
     lr_decay: float = Field(1.0, gt=0, le=1, description=(
         "client lr schedule: round r trains at client.lr * lr_decay^(r-1) (1 = constant)"))

@@ -249,8 +249,9 @@ def added_search(tree: dict, current: Variant, remedy: Remedy, naive: Config) ->
     """The search for ``remedy`` added to the set ``current``: its own hyper-parameters tuned again on top
     (a server lr tuned under plain cross-entropy need not suit logit adjustment); the set's client lr stays,
     unless the remedy's own knobs hold the client lr (AdamW: another optimizer)."""
-    base = join_overrides([current.overrides, remedy_overrides(naive, remedy)])
-    return Search(remedy, base, remedy.knobs, grid(remedy.knobs), name=f"{current.key}+{remedy.key}")
+    alone = Variant(remedy.key, remedy.label, remedy.cause, None, remedy_overrides(naive, remedy))  # no cfg needed
+    base = combined(tree, [current, alone])
+    return Search(remedy, base.overrides, remedy.knobs, grid(remedy.knobs), name=base.key)
 
 
 def combined(tree: dict, parts: list[Variant]) -> Variant:
@@ -265,15 +266,12 @@ def join_overrides(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
     """Override groups applied together: where two set one key (client.lr), the earlier (better on validation)
     wins, except that two client objectives that compose are joined (``client.objective=logit_adjust+scaffold``:
     a loss objective and a gradient objective)."""
-    overrides: list[str] = []
+    values: dict[str, str] = {}  # key -> value, in first-set order
     for group in groups:
         for item in group:
             k, value = item.split("=", 1)
-            at = next((i for i, o in enumerate(overrides) if o.split("=", 1)[0] == k), None)
-            if at is None:
-                overrides.append(item)
+            if k not in values:
+                values[k] = value
             elif k == "client.objective":
-                joined = joined_objective(overrides[at].split("=", 1)[1], value)
-                if joined:
-                    overrides[at] = f"{k}={joined}"
-    return tuple(overrides)
+                values[k] = joined_objective(values[k], value) or values[k]
+    return tuple(f"{k}={v}" for k, v in values.items())

@@ -34,17 +34,17 @@ def objective_spec(spec: str) -> str:
                          f"objective + a gradient objective)")
     if len(names) == 1:
         return names[0]
-    by_role = {role: [n for n in names if OBJECTIVES[n].role == role] for role in (LOSS, GRADIENT)}
-    if len(names) != 2 or len(by_role[LOSS]) != 1 or len(by_role[GRADIENT]) != 1:
-        return _bad_join(spec)
-    return f"{by_role[LOSS][0]}+{by_role[GRADIENT][0]}"
+    loss, gradient = ([n for n in names if OBJECTIVES[n].role == role] for role in (LOSS, GRADIENT))
+    if len(names) != 2 or len(loss) != 1 or len(gradient) != 1:
+        raise ValueError(f"{spec!r} cannot be joined: '+' joins one loss objective "
+                         f"({' | '.join(with_role(LOSS))}) and one gradient objective "
+                         f"({' | '.join(with_role(GRADIENT))})")
+    return f"{loss[0]}+{gradient[0]}"
 
 
-def _bad_join(spec: str):
-    loss = " | ".join(n for n, c in OBJECTIVES.items() if c.role == LOSS)
-    gradient = " | ".join(n for n, c in OBJECTIVES.items() if c.role == GRADIENT)
-    raise ValueError(f"{spec!r} cannot be joined: '+' joins one loss objective ({loss}) and one gradient "
-                     f"objective ({gradient})")
+def with_role(role: str) -> list[str]:
+    """The registered objectives of one role (LOSS or GRADIENT), in registry order."""
+    return [name for name, cls in OBJECTIVES.items() if cls.role == role]
 
 
 def objective_params(spec: str, cfg) -> tuple:
@@ -66,4 +66,4 @@ def make_objective(spec: str, params=None, **values) -> Objective:
 
 
 __all__ = ["GRADIENT", "LOSS", "OBJECTIVES", "ClientOutcome", "ClientSetup", "CompositeObjective", "NoParams",
-           "Objective", "make_objective", "objective_params", "objective_spec"]
+           "Objective", "make_objective", "objective_params", "objective_spec", "with_role"]
