@@ -214,7 +214,7 @@ class Experiment:
         sampled = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.server.clients_per_round)
         tasks = [ClientTask(int(c), self.parts[c], self.client_store.get(int(c), {})) for c in sampled]
         ctx = RoundContext(r, self.state, self.objective.payload(self.objective_state),
-                           lr_scale=cfg.client.lr_decay ** (r - 1))
+                           lr_scale=self.hp.lr_scale(r))
         t_train = time.perf_counter()
         output = self.engine.train(ctx, tasks)
         train_seconds = time.perf_counter() - t_train

@@ -85,7 +85,8 @@ def client_train(msg: Message, context: Context, app_dir: Path) -> Message:
     conf = msg.content["config"]
     if int(conf["client-id"]) != cid:
         raise FedgapError(f"node holds client {cid}, asked to train client {conf['client-id']}")
-    ctx = RoundContext(int(conf["server-round"]), to_state(msg.content["arrays"]), to_state(msg.content["payload"]))
+    r = int(conf["server-round"])
+    ctx = RoundContext(r, to_state(msg.content["arrays"]), to_state(msg.content["payload"]), runner.hp.lr_scale(r))
     own = {k[len(OWN):]: to_state(rec) for k, rec in context.state.array_records.items() if k.startswith(OWN)}
     res = local_update(runner.model, runner.data.train_x, runner.data.train_y, ctx, ClientTask(cid, parts[cid], own),
                        runner.hp)

@@ -46,6 +46,11 @@ class ClientHParams:
     norm_keys: frozenset[str] = frozenset()
     channels_last: bool = False
     fail_clients: frozenset[int] = frozenset()
+    lr_decay: float = 1.0
+
+    def lr_scale(self, round_: int) -> float:
+        """The client lr schedule (client.lr_decay): round ``round_`` (1-based) trains at lr * lr_scale."""
+        return self.lr_decay ** (round_ - 1)
 
     @classmethod
     def from_config(cls, cfg, norm_keys=frozenset(), num_classes: int = 10) -> ClientHParams:
@@ -57,6 +62,7 @@ class ClientHParams:
             objective_params=objective_params(c.objective, cfg), num_classes=num_classes,
             norm_policy=cfg.model.norm_policy, norm_keys=frozenset(norm_keys),
             channels_last=cfg.engine.channels_last, fail_clients=frozenset(cfg.engine.fail_clients),
+            lr_decay=c.lr_decay,
         )
 
 
