@@ -217,6 +217,8 @@ E2E = {
     "fedbn": ["server.algorithm=fedbn"],
     "fedavg-group-norm": ["model.norm=group"],
     "fedavg-adamw": ["client.optimizer=adamw", "client.lr=0.003", "client.weight_decay=0.01"],
+    # the round's lr scale reaches the cohort optimizer; the server's running average follows the states
+    "fedavg-lr-decay-average": ["client.lr_decay=0.5", "server.average=1"],
 }
 
 
@@ -257,6 +259,9 @@ def test_vectorized_gives_the_sequential_final_model(tiny_idx, float64_runs, ext
     assert all(seq.state[k].dtype == torch.float64 for k in floats)
     assert_close_states({k: seq.state[k] for k in floats}, {k: vec.state[k] for k in floats}, 1e-9, 1e-9)
     assert all(torch.equal(seq.state[k], vec.state[k]) for k in seq.state if k not in floats)
+    assert (seq.average is None) == (vec.average is None)
+    if seq.average is not None:
+        assert_close_states({k: seq.average[k] for k in floats}, {k: vec.average[k] for k in floats}, 1e-9, 1e-9)
     assert seq.client_store.keys() == vec.client_store.keys()
     assert_close_states(seq.objective_state, vec.objective_state, 1e-9, 1e-9)
     for a, b in zip(seq.rows, vec.rows, strict=True):

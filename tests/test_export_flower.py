@@ -28,6 +28,7 @@ from fedgap.data.datasets import load_dataset
 from fedgap.data.partition import partition_for
 from fedgap.experiment.outputs import read_metrics
 from fedgap.export.flower import PACKAGE, load_partition
+from fedgap.fl.averaging import as_model
 
 
 def tiny(root: str, *extra: str) -> list[str]:
@@ -105,15 +106,18 @@ SHARED = ["round", "test_accuracy", "test_loss", "train_loss", "samples", "clien
 @pytest.mark.slow
 def test_exported_app_in_flower_simulation_is_the_same_experiment(tiny_idx, tmp_path, capsys):
     """FedAvg, SCAFFOLD (client control variates in context.state), FedBN with a FedYogi server (local norm
-    layers in context.state, server optimizer state) and the doctor's default recommendation (logit adjustment +
-    FedBN): Flower's simulation against `fedgap run`, 3 rounds."""
+    layers in context.state, server optimizer state), logit adjustment + FedBN, and logit adjustment + FedDyn
+    with the client lr decay and the server's running average: Flower's simulation against `fedgap run`,
+    3 rounds."""
     pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedgap[flower]')")
     pytest.importorskip("ray", reason="Flower's simulation engine needs ray (pip install 'fedgap[flower]')")
     settings = {"fedavg": [], "scaffold": ["server.algorithm=scaffold"],
                 "fedbn-yogi": ["server.algorithm=fedbn", "server.optimizer=yogi"],
                 # the doctor's recommendation on the default setting: logit adjustment with the client's label
                 # prior (computed from its own partition inside local_update) + FedBN
-                "recommended": ["client.objective=logit_adjust", "model.norm_policy=local"]}
+                "recommended": ["client.objective=logit_adjust", "model.norm_policy=local"],
+                # a joined objective, the client lr decay and the server's running average of the round models
+                "averaged": ["client.objective=logit_adjust+feddyn", "client.lr_decay=0.9", "server.average=1"]}
     apps = {}
     for name, extra in settings.items():
         apps[name] = tmp_path / name
@@ -134,7 +138,9 @@ def test_exported_app_in_flower_simulation_is_the_same_experiment(tiny_idx, tmp_
         fedgap_rows = read_metrics(tmp_path / f"{name}-fedgap" / "metrics.csv")
         assert [[r[k] for k in SHARED] for r in flower_rows] == [[r[k] for k in SHARED] for r in fedgap_rows], name
         flower_state = torch.load(apps[name] / "flower-run" / "model.pt")
-        fedgap_state = torch.load(tmp_path / f"{name}-fedgap" / "checkpoint.pt", weights_only=True)["state"]
+        ckpt = torch.load(tmp_path / f"{name}-fedgap" / "checkpoint.pt", weights_only=True)
+        # model.pt is the model fedgap evaluates: the running average under server.average
+        fedgap_state = ckpt["state"] if ckpt["average"] is None else as_model(ckpt["average"], ckpt["state"])
         assert flower_state.keys() == fedgap_state.keys()
         for key, value in fedgap_state.items():
             assert torch.equal(flower_state[key], value), (name, key)  # bit for bit

@@ -136,6 +136,10 @@ class ServerConfig(_Section):
     beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of adam/yogi")
     tau: float = Field(1e-3, gt=0, description="adaptivity (epsilon) of adam/yogi/adagrad")
     mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient")
+    average: float | None = Field(None, ge=0, description=(
+        "server-side model averaging: evaluate and hand out a polynomial-decay average of the round models "
+        "(eta; 0 = all rounds equally, 3 = about the last quarter of the rounds so far; training continues "
+        "from each round's own model); none = the round's model (fedgap.fl.averaging)"))
     min_clients: int = Field(1, ge=1, description="a round with fewer surviving clients stops the run")
 
 
@@ -410,16 +414,28 @@ def dump_yaml(cfg: Config) -> str:
 
 # Keys that change how fast a run goes or what it additionally measures, never its numbers.
 RESULT_NEUTRAL: tuple[tuple[str, ...], ...] = (("engine",), ("checkpoint",), ("eval", "diagnostics"), ("track",))
+# Keys added after runs were cached: left out of the hashes while they hold their default (off), so that adding
+# an optional feature keeps every earlier run's cache entry and checkpoint valid.
+LATER_KEYS: dict[tuple[str, ...], Any] = {("server", "average"): None}
 
 
 def config_hash(cfg: Config, exclude: tuple[tuple[str, ...], ...] = ()) -> str:
     tree = config_to_dict(cfg)
+    for path, default in LATER_KEYS.items():
+        if _get(tree, path) == default:
+            exclude = (*exclude, path)
     for path in exclude:
         node = tree
         for part in path[:-1]:
             node = node.get(part, {})
         node.pop(path[-1], None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for part in path:
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
 
 
 def results_hash(cfg: Config) -> str:

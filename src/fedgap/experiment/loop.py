@@ -12,10 +12,12 @@ Aggregation (what is averaged and why):
 - Norm layers follow ``model.norm_policy`` (``fedgap.fl.normpolicy``): ``average`` treats them like the rest;
   ``local`` keeps each client's own copy across rounds (the global model carries their average, used for
   its evaluation); ``recalibrate`` replaces the averaged running statistics with exact federated ones.
+- ``server.average`` (off by default): the model evaluated, and the one a deployment would use, is a running
+  average of the round models (``fedgap.fl.averaging``); the clients always train from the round's own model.
 
 Randomness is indexed by (seed, round, client) (``fedgap.seeding``), and a checkpoint holds the complete
-server state (model, server optimizer, control variates, per-client state, metrics so far), so a resumed run
-ends with the same metrics and weights as an uninterrupted one.
+server state (model, server optimizer, control variates, per-client state, the running average, metrics so
+far), so a resumed run ends with the same metrics and weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
 from fedgap.experiment.stopping import StopAtTarget, StopOnDivergence
 from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
+from fedgap.fl.averaging import as_model, average_update
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
 from fedgap.fl.evaluate import evaluate, label_matched_subset
 from fedgap.fl.normpolicy import norm_policy
@@ -155,6 +158,7 @@ class Experiment:
         self.server_state: State = self.server_opt.init({k: params[k].double() for k in self.server_keys})
         self.objective_state: State = self.objective.server_init(params)
         self.client_store: dict[int, dict[str, State]] = {}
+        self.average: State | None = None  # server.average: the running average of the round models (float64)
         self.components = ServerComponents(self.server_opt, self.objective, tuple(self.server_keys),
                                            cfg.data.num_clients)
         self.rows: list[dict[str, Any]] = []
@@ -230,13 +234,15 @@ class Experiment:
         parts = [self.parts[res.client_id] for res in output.results]
         self.state = self.norm_policy.after_aggregation(
             self.state, lambda st, layer: self.engine.layer_moments(st, layer, parts), self.bn_layers)
+        self.update_average(r)
 
         # A non-finite weight never recovers: stop here (evaluated, so the row shows it) instead of spending
         # the remaining rounds on NaN.
         diverged = not all(torch.isfinite(v).all() for v in self.state.values() if v.is_floating_point())
         evaluated = r % cfg.eval.every == 0 or r == cfg.server.rounds or diverged
-        test = self.engine.evaluate_test(self.state) if evaluated else None
-        val = self.engine.evaluate(self.state, self.val_x, self.val_y) if evaluated and len(self.val_y) else None
+        model = self.evaluated_state() if evaluated else None
+        test = self.engine.evaluate_test(model) if evaluated else None
+        val = self.engine.evaluate(model, self.val_x, self.val_y) if evaluated and len(self.val_y) else None
         row: dict[str, Any] = {
             "round": r,
             "test_accuracy": test.accuracy if test else None,
@@ -275,6 +281,16 @@ class Experiment:
         after = server_update(before, results, self.components, server_lr(self.cfg.server, self.round + 1))
         self.server_state, self.objective_state, self.client_store = after.optimizer, after.objective, after.clients
         return after.model
+
+    def update_average(self, round_: int) -> None:
+        """server.average: fold the round's global model into the running average (fedgap.fl.averaging)."""
+        if self.cfg.server.average is not None:
+            self.average = average_update(self.average, self.state, self.cfg.server.average, round_)
+
+    def evaluated_state(self) -> State:
+        """The model the server evaluates and hands out: the running average under server.average, else the
+        round's global model (which training continues from in either case)."""
+        return self.state if self.average is None else as_model(self.average, self.state)
 
     def _personal_accuracy(self, results: list[ClientResult]) -> float:
         """FedBN: each sampled client's own model (global weights, its norm layers) on a test subset drawn
@@ -353,6 +369,7 @@ class Experiment:
             "server_state": self.server_state,
             "objective_state": self.objective_state,
             "client_store": self.client_store,
+            "average": self.average,
             "rows": self.rows,
             "wall_seconds": self.wall_seconds,
         }
@@ -374,6 +391,7 @@ class Experiment:
         self.server_state = ckpt["server_state"]
         self.objective_state = ckpt["objective_state"]
         self.client_store = ckpt["client_store"]
+        self.average = ckpt.get("average")  # absent in checkpoints written before server.average existed
         self.rows = ckpt["rows"]
         self.wall_seconds = ckpt["wall_seconds"]
         if self.round < self.cfg.server.rounds:

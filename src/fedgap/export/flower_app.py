@@ -11,7 +11,8 @@ Nothing here re-implements fedgap's math; it moves states between Flower message
   node sampling is not used, so both runs train the same clients), aggregates the replies in client-id order
   with the loop's own aggregation (weighted mean in float64, server optimizer, norm policy, the objective's
   server state), evaluates on the test set every ``eval.every`` rounds, and writes ``metrics.csv`` and
-  ``summary.json`` as ``fedgap run`` does, plus the final global model (``model.pt``, a state_dict).
+  ``summary.json`` as ``fedgap run`` does, plus the final global model (``model.pt``, a state_dict; under
+  ``server.average`` the running average, the model fedgap evaluates).
 
 States travel as ``ArrayRecord`` (numpy float32/int64 arrays: exact). The server learns which node holds which
 client by a ``query`` message to every node before the first round.
@@ -163,6 +164,7 @@ class FedgapStrategy(Strategy):
             raise FedgapError(f"round {server_round}: {len(results)} clients replied, fewer than "
                               f"server.min_clients={cfg.server.min_clients}")
         exp.state = exp._aggregate(results)  # the loop's own aggregation: one copy of the math
+        exp.update_average(server_round)  # server.average, as the loop does it
         self.row = {
             "round": server_round, "test_accuracy": None, "test_loss": None,
             "train_loss": float(np.average([r.train_loss for r in results], weights=[r.samples for r in results])),
@@ -187,7 +189,7 @@ class FedgapStrategy(Strategy):
             return None
         test = None
         if server_round % cfg.eval.every == 0 or server_round == cfg.server.rounds:
-            test = exp.engine.evaluate_test(exp.state)
+            test = exp.engine.evaluate_test(exp.evaluated_state())
             self.row.update(test_accuracy=test.accuracy, test_loss=test.loss)
         self.row["seconds"] = time.perf_counter() - self.t0
         exp.rows.append(self.row)
@@ -201,7 +203,7 @@ class FedgapStrategy(Strategy):
         summary["engine"] = "flower"
         if self.out is not None:
             outputs.write_json(self.out / outputs.SUMMARY, summary)
-            torch.save(self.exp.state, self.out / MODEL)
+            torch.save(self.exp.evaluated_state(), self.out / MODEL)
         self.exp.engine.close()
         return summary
 
