@@ -57,7 +57,9 @@ def test_every_remedy_is_tuned_over_its_own_values_and_the_full_preset_adds_the_
     naive = V.config_from_dict(tree)
     full = {s.remedy.key: s for s in V.searches(naive, tree, V.PRESETS["full"])[0]}
     quick = {s.remedy.key: s for s in V.searches(naive, tree, V.PRESETS["quick"])[0]}
-    assert all(any(k.key == "client.lr" for k in s.space) for s in full.values())
+    assert all(any(k.key == "client.lr" for k in s.space) for s in full.values() if s.remedy.key != "average")
+    # model averaging leaves training alone: its own eta only (combined, it shares the set's client lr)
+    assert [k.key for k in full["average"].space] == ["server.average"]
     assert len(full["logit_adjust"].grid) == 9 and len(quick["logit_adjust"].grid) == 3
     assert len(full["tuned"].grid) == 6 and not any("client.lr" in p for p in quick["fedbn"].grid[0])
     # FedAvgM keeps the effective step in range: server lr 0.1 with momentum 0.9 is FedAvg's step (Hsu et al.)
@@ -262,6 +264,22 @@ def test_diagnosis_names_the_dominant_cause_only_when_the_numbers_say_so():
     rows = [central, row("fedbn", V.NORMALIZATION, 0.90, 9.0, 0.1), naive]
     titles = [f.title for f in write_diagnosis(rows, [], [], part, None, 1, 0.89, "x")]
     assert "No remedy closes most of the gap" in titles
+
+
+def test_diagnosis_names_swings_between_rounds_from_the_naive_runs_second_half():
+    central, naive = row("central", "", 0.99, 0.0, None), row("naive", "", 0.89, 10.0, 0.0)
+    part = {"classes_per_client_mean": 3.0, "mean_tv_distance": 0.6}
+
+    def swings(accs):
+        found = write_diagnosis([central, naive], [record("n", accs, 500)], [], part, None, 1, 0.89, "x")
+        return next(f for f in found if "swing" in f.title or "steady" in f.title)
+
+    # second half 0.90, 0.86, 0.91, 0.88: steps 4, 5 and 3 pp (the first half's 30 pp jump does not count)
+    swinging = swings([0.3, 0.6, 0.9, 0.90, 0.86, 0.91, 0.88])
+    assert swinging.kind == "cause" and "4.00 pp on average (at most 5.00 pp)" in swinging.text
+    assert "server.average" in swinging.text
+    steady = swings([0.3, 0.6, 0.95, 0.951, 0.952, 0.953])
+    assert steady.kind == "info" and steady.title == "The global model is steady between rounds"
 
 
 def test_diagnosis_says_whether_the_combination_beat_its_best_single_remedy():

@@ -116,9 +116,9 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
                    f"from {pct(acc_min)} to {pct(acc_max)} (standard deviation {100 * acc_std:.1f} pp).")
     out.append(Finding("Label heterogeneity", hetero, "info"))
 
-    bias = _classifier_bias(naive_recs)
-    if bias is not None:
-        out.append(bias)
+    for finding in (_classifier_bias(naive_recs), _swings(naive_recs)):
+        if finding is not None:
+            out.append(finding)
     out += _remedy_findings(rows, naive, gap, tie, recommended)
     out += _tuning_findings(rows, naive, tuning or {}, tie)
     if seeds == 1:
@@ -148,6 +148,27 @@ def _classifier_bias(naive_recs: list[RunRecord]) -> Finding | None:
             " After a round the model predicts what the round's few clients held: the classifier drifts with "
             "the label skew, which is what logit adjustment, FedLC and FedRS correct."), "cause")
     return Finding("The classifier does not lean", text, "info")
+
+
+def _swings(naive_recs: list[RunRecord]) -> Finding | None:
+    """How far the naive global model moves between successive evaluations late in its run: the part of the gap
+    that depends on which clients the last rounds happened to sample (what model averaging treats)."""
+    steps = []
+    for rec in naive_recs:
+        accs = [float(r["test_accuracy"]) for r in rec.rows if r.get("test_accuracy") is not None]
+        late = accs[len(accs) // 2:]
+        steps += [abs(b - a) for a, b in zip(late, late[1:])]
+    if len(steps) < 2:
+        return None
+    mean, worst = 100 * float(np.mean(steps)), 100 * max(steps)
+    text = (f"Over the second half of the naive run, successive evaluations of the global model differ by "
+            f"{mean:.2f} pp on average (at most {worst:.2f} pp).")
+    if mean >= ONE_SEED_NOISE_PP:
+        return Finding("The global model swings from round to round", text + (
+            " Each round's few clients pull it toward their own labels, so the model a run ends with depends on "
+            "which clients its last rounds sampled; averaging the round models (server.average) cancels much of "
+            "that pull."), "cause")
+    return Finding("The global model is steady between rounds", text, "info")
 
 
 def _tuning_findings(rows: list[GapRow], naive: GapRow, tuning: dict, tie: float) -> list[Finding]:

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 CENTRAL, NAIVE = "#222222", "#d62728"
 # one colour per cause group (fedgap.diagnose.variants.CAUSES), the combinations and the tuned-FedAvg reference
 CAUSE_COLORS = {"normalization": "#1f77b4", "client drift": "#2ca02c", "label skew (classifier)": "#17becf",
+                "swings between rounds": "#e377c2",
                 "server optimizer and schedules": "#9467bd", "regularization": "#ff7f0e", "combined": "#8c564b",
                 "tuning alone": "#bcbd22", "": "#7f7f7f"}
 
