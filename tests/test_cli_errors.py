@@ -19,6 +19,7 @@ from conftest import REPO, cli, cli_subprocess
         (["engine.name=warp"], "engine.name: must be one of"),
         (["client.lr=inf"], "client.lr: input should be a finite number"),
         (["server.mu=nan"], "server.mu: input should be a finite number"),
+        (["server.average=-1"], "server.average: input should be greater than or equal to 0"),
         (["data.alpha=.inf"], "data.alpha: input should be a finite number"),
         (["engine.fail_clients=[1000]"], "engine.fail_clients: client ids must be in 0..99"),
         (["engine.crash_clients=[-1]"], "engine.crash_clients: client ids must be in 0..99"),

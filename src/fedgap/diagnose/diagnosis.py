@@ -157,7 +157,7 @@ def _swings(naive_recs: list[RunRecord]) -> Finding | None:
     for rec in naive_recs:
         accs = [float(r["test_accuracy"]) for r in rec.rows if r.get("test_accuracy") is not None]
         late = accs[len(accs) // 2:]
-        steps += [abs(b - a) for a, b in zip(late, late[1:])]
+        steps += [abs(b - a) for a, b in zip(late[:-1], late[1:], strict=True)]
     if len(steps) < 2:
         return None
     mean, worst = 100 * float(np.mean(steps)), 100 * max(steps)

@@ -175,9 +175,8 @@ def render(res) -> str:
 <div class="cards">{cards_html}</div>
 <h2>Diagnosis</h2>{findings}
 <h2>Accuracy</h2>{acc_img}
-<p class="muted">Seed 0 of every variant. Colours: red = naive, black dashed = centralized, blue = normalization,
-green = client drift, cyan = label skew, purple = server optimizer and schedules, orange = regularization,
-olive = tuned FedAvg, brown = combination.</p>
+<p class="muted">Seed 0 of every variant. Colours: red = naive, black dashed = centralized,
+{_e(plots.colour_legend())}.</p>
 <h2>Gap to centralized training</h2>{gap_img}
 <h2>Ranking</h2>{_tuning(res)}{_table(res)}
 <p class="muted">Ranked by validation accuracy (data.validation, held out of the training set before

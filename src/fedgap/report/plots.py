@@ -18,6 +18,15 @@ CAUSE_COLORS = {"normalization": "#1f77b4", "client drift": "#2ca02c", "label sk
                 "swings between rounds": "#e377c2",
                 "server optimizer and schedules": "#9467bd", "regularization": "#ff7f0e", "combined": "#8c564b",
                 "tuning alone": "#bcbd22", "": "#7f7f7f"}
+COLOR_NAMES = {"#1f77b4": "blue", "#2ca02c": "green", "#17becf": "cyan", "#e377c2": "pink", "#9467bd": "purple",
+               "#ff7f0e": "orange", "#8c564b": "brown", "#bcbd22": "olive", "#7f7f7f": "grey"}
+
+
+def colour_legend() -> str:
+    """The plots' colours in words, for the caption below them."""
+    names = {"combined": "combination", "tuning alone": "tuned FedAvg"}
+    return ", ".join(f"{COLOR_NAMES[colour]} = {names.get(cause, cause)}" for cause, colour in CAUSE_COLORS.items()
+                     if cause)
 
 
 def save(fig, path: str | Path) -> Path:
