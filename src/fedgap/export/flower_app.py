@@ -112,11 +112,24 @@ def discover(grid: Grid, num_clients: int, wait_seconds: float) -> dict[int, int
             raise FedgapError(f"only {len(node_ids)} of data.num_clients={num_clients} SuperNodes connected "
                               f"within {wait_seconds:g} s")
         time.sleep(0.2)
-    asks = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    nodes = {}
-    for reply in grid.send_and_receive(asks, timeout=wait_seconds):
-        if not reply.has_error():
+    nodes: dict[int, int] = {}
+    asked = set(node_ids)
+    errors: list[str] = []
+    while asked and time.monotonic() < deadline:  # a node whose query failed (a slow start) is asked again
+        asks = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(asked)]
+        for reply in grid.send_and_receive(asks, timeout=max(1.0, deadline - time.monotonic())):
+            if reply.has_error():
+                errors.append(reply.error.reason)
+                log.warning("node %d did not answer the partition query: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
             nodes[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
+            asked.discard(reply.metadata.src_node_id)
+        if asked:
+            time.sleep(0.5)
+    if asked:
+        raise FedgapError(f"{len(asked)} of {len(node_ids)} SuperNodes did not say which client they hold within "
+                          f"{wait_seconds:g} s" + (f" (last error: {errors[-1]})" if errors else ""))
     return nodes
 
 
@@ -160,9 +173,14 @@ class FedgapStrategy(Strategy):
         replies = list(replies)
         results = sorted((_result(m) for m in replies if not m.has_error()), key=lambda r: r.client_id)
         failed = len(replies) - len(results) + len(self.unreachable)
+        errors = [m.error.reason for m in replies if m.has_error()]
+        for reason in errors:
+            log.warning("round %d: a client failed: %s", server_round, reason)
         if len(results) < cfg.server.min_clients:
+            first = f" (first client error: {errors[0]})" if errors else \
+                f" ({len(replies)} replies, {len(self.unreachable)} sampled clients on no known node)"
             raise FedgapError(f"round {server_round}: {len(results)} clients replied, fewer than "
-                              f"server.min_clients={cfg.server.min_clients}")
+                              f"server.min_clients={cfg.server.min_clients}{first}")
         exp.state = exp._aggregate(results)  # the loop's own aggregation: one copy of the math
         exp.update_average(server_round)  # server.average, as the loop does it
         self.row = {
