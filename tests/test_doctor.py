@@ -282,6 +282,30 @@ def test_diagnosis_names_swings_between_rounds_from_the_naive_runs_second_half()
     assert steady.kind == "info" and steady.title == "The global model is steady between rounds"
 
 
+def test_groupnorm_is_called_slower_only_against_batchnorm_after_as_many_rounds():
+    from fedgap.diagnose.tuning import Trial, TuneResult
+
+    central, naive = row("central", "", 0.99, 0.0, None), row("naive", "", 0.92, 7.0, 0.0)
+    naive.final_val_accuracy = 0.92
+    part = {"classes_per_client_mean": 3.0, "mean_tv_distance": 0.6}
+    # the naive BatchNorm run: validation 0.50, 0.60, 0.70 by round 25 (mean 0.60), 0.92 at the end
+    rows = [{"round": r, "val_accuracy": v, "test_accuracy": v, "samples": 1}
+            for r, v in [(5, 0.5), (10, 0.6), (25, 0.7), (100, 0.9), (150, 0.92), (200, 0.94)]]
+    naive_rec = RunRecord(RunSpec("naive", load_config()), None, {}, rows)
+    search = V.Search(V.REMEDY_BY_KEY["groupnorm"], ("model.norm=group",), (V.LR,), V.grid((V.LR,)))
+
+    def finding(scores):
+        points = zip(search.grid, scores, strict=True)
+        trials = [Trial(search, i, p, {25: score}) for i, (p, score) in enumerate(points)]
+        tuning = {"groupnorm": TuneResult(search, trials[0], trials, 75)}
+        found = write_diagnosis([central, naive], [naive_rec], [], part, None, 1, 0.9, "x", tuning=tuning)
+        return next((f for f in found if "slower" in f.title), None)
+
+    slower = finding([0.12, 0.18, 0.15])
+    assert slower is not None and "After 25 rounds" in slower.text and "(60.00%)" in slower.text
+    assert finding([0.12, 0.65, 0.15]) is None  # one lr beats BatchNorm at 25 rounds, though not its final 92%
+
+
 def test_diagnosis_says_whether_the_combination_beat_its_best_single_remedy():
     central, naive = row("central", "", 0.99, 0.0, None), row("naive", "", 0.68, 31.0, 0.0)
     fedbn = row("fedbn", V.NORMALIZATION, 0.87, 12.0, 0.61)

@@ -120,7 +120,7 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
         if finding is not None:
             out.append(finding)
     out += _remedy_findings(rows, naive, gap, tie, recommended)
-    out += _tuning_findings(rows, naive, tuning or {}, tie)
+    out += _tuning_findings(rows, naive, naive_recs, tuning or {})
     if seeds == 1:
         out.append(Finding("One seed", (
             f"Every variant ran with one seed, so differences below about {ONE_SEED_NOISE_PP:.0f} pp are not "
@@ -171,7 +171,16 @@ def _swings(naive_recs: list[RunRecord]) -> Finding | None:
     return Finding("The global model is steady between rounds", text, "info")
 
 
-def _tuning_findings(rows: list[GapRow], naive: GapRow, tuning: dict, tie: float) -> list[Finding]:
+def val_at(rec: RunRecord, rounds: int) -> float | None:
+    """A run's validation score after ``rounds`` rounds, as the tuning scores a candidate there: the mean of its
+    last LATE_EVALS validation evaluations up to that round."""
+    vals = [float(r["val_accuracy"]) for r in rec.rows
+            if r.get("val_accuracy") is not None and int(r["round"]) <= rounds]
+    return float(np.mean(vals[-LATE_EVALS:])) if vals else None
+
+
+def _tuning_findings(rows: list[GapRow], naive: GapRow, naive_recs: list[RunRecord],
+                     tuning: dict) -> list[Finding]:
     out: list[Finding] = []
     tuned = next((r for r in rows if r.variant == "tuned" and r.final_test_accuracy is not None), None)
     if tuned is not None and naive.final_test_accuracy is not None:
@@ -181,17 +190,17 @@ def _tuning_findings(rows: list[GapRow], naive: GapRow, tuning: dict, tie: float
             f"({100 * (tuned.final_test_accuracy - naive.final_test_accuracy):+.2f} pp)."), "info"))
     for key in ("groupnorm", "layernorm"):
         res = tuning.get(key)
-        if res is None or not any(k.key == "client.lr" for k in res.search.space):
+        if res is None or not naive_recs or not any(k.key == "client.lr" for k in res.search.space):
             continue
-        naive_val = naive.final_val_accuracy
-        last = max((rounds for t in res.trials for rounds in t.scores), default=None)
-        by_lr = [(t.point, t.scores.get(min(t.scores))) for t in res.trials if t.scores]
-        if naive_val is None or not by_lr or last is None:
+        first = min((rounds for t in res.trials for rounds in t.scores), default=None)
+        base = val_at(naive_recs[0], first) if first is not None else None  # BatchNorm, as many rounds
+        by_lr = [(t.point, t.scores.get(first)) for t in res.trials]
+        if base is None or not by_lr:
             continue
-        if all(score is not None and score < naive_val for _, score in by_lr):
+        if all(score is not None and score < base for _, score in by_lr):
             out.append(Finding(f"{res.search.remedy.label} is slower here at every lr tried", (
-                f"At every client lr tried ({res.searched()}) it scored below the naive run's validation accuracy "
-                f"({pct(naive_val)}) at its first comparison: " + ", ".join(
+                f"After {first} rounds, at every client lr tried ({res.searched()}), it scored below the naive "
+                f"BatchNorm run's validation accuracy after as many rounds ({pct(base)}): " + ", ".join(
                     f"{' '.join(p)}: {pct(score)}" for p, score in by_lr) + ". Under this label skew it converges "
                 "more slowly than BatchNorm; it is not only mis-tuned."), "info"))
     return out
