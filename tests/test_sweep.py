@@ -42,6 +42,22 @@ def test_sweep_runs_the_grid_and_reuses_it(tiny_idx, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps
 
 
+def test_with_a_validation_split_the_grid_is_ranked_by_validation(tiny_idx, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code, stdout, err = cli("sweep", *tiny_args(tiny_idx), "data.validation=0.2", "client.lr=0.001,0.05,0.3",
+                            "--out", str(out), "--jobs", "1", "--quiet", capsys=capsys)
+    assert code == 0, err
+    assert "ranked by validation" in stdout
+    with open(out / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    vals = [float(r["late_val_accuracy"]) for r in rows]
+    for r, val in zip(rows, vals, strict=True):  # the mean of the run's last 3 validation evaluations
+        accs = [float(m["val_accuracy"]) for m in read_metrics(out / r["run_dir"] / "metrics.csv")
+                if m["val_accuracy"]]
+        assert val == pytest.approx(sum(accs[-3:]) / len(accs[-3:]))
+    assert vals == sorted(vals, reverse=True)  # the top row is the validation's choice, whatever test says
+
+
 def test_a_bad_grid_value_is_one_line_naming_the_key(capsys):
     code, _, err = cli("sweep", "model.norm=batch,banana", "--out", "/tmp/never-sweep", capsys=capsys)
     assert code == 2 and "model.norm" in err and "Traceback" not in err

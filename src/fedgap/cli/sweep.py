@@ -30,13 +30,18 @@ def sweep(args, out, jobs, quiet):
     path, overrides = split_config_args(args)
     keys, rows, runs = run_sweep(path, overrides, out, jobs=jobs, show_progress=not quiet,
                                  command=" ".join(["fedgap", "sweep", *args]), render=plot)
-    table = Table(title=f"fedgap sweep: {len(rows)} runs", title_justify="left")
+    has_val = any(r["late_val_accuracy"] is not None for r in rows)  # then rows are ranked by it
+    table = Table(title=f"fedgap sweep: {len(rows)} runs" + (", ranked by validation" if has_val else ""),
+                  title_justify="left")
     for k in keys:
         table.add_column(k)
-    for col in ("final acc", f"last-{LATE_EVALS} mean", "best acc", "rounds to target", "s/round"):
+    val_col = (f"val last-{LATE_EVALS}",) if has_val else ()
+    for col in (*val_col, "final acc", f"last-{LATE_EVALS} mean", "best acc", "rounds to target", "s/round"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(*[str(r[k]) for k in keys], fmt_pct(r["final_test_accuracy"]), fmt_pct(r["late_test_accuracy"]),
+        val_cell = (fmt_pct(r["late_val_accuracy"]),) if has_val else ()
+        table.add_row(*[str(r[k]) for k in keys], *val_cell, fmt_pct(r["final_test_accuracy"]),
+                      fmt_pct(r["late_test_accuracy"]),
                       fmt_pct(r["best_test_accuracy"]),
                       "not reached" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
                       "-" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.2f}",

@@ -89,13 +89,18 @@ def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | 
         row = {k: values[k] for k in keys}
         row.update({c: s.get(c) for c in COLUMNS})
         row["late_test_accuracy"] = late_accuracy(rec)[0] if rec.ok else None  # as the doctor's final accuracy
+        row["late_val_accuracy"] = late_accuracy(rec, "val_accuracy")[0] if rec.ok else None
         row["rounds_to_target"] = first_round_at(rec, spec.cfg.eval.target) if rec.ok else None
         row["run_dir"] = str(rec.run_dir.relative_to(out))
         row["error"] = rec.error
         rows.append(row)
-    rows.sort(key=lambda r: -(r["final_test_accuracy"] or -1))
+    # with a validation split (data.validation) the grid is ranked by it, as the doctor chooses: whoever picks
+    # the top row then picks on validation, never on test; without one, by the final test accuracy
+    rank_by = "late_val_accuracy" if any(r["late_val_accuracy"] is not None for r in rows) else "final_test_accuracy"
+    rows.sort(key=lambda r: -(r[rank_by] if r[rank_by] is not None else -1))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*keys, *COLUMNS, "late_test_accuracy", "run_dir", "error"],
+    writer = csv.DictWriter(buf, fieldnames=[*keys, *COLUMNS, "late_test_accuracy", "late_val_accuracy", "run_dir",
+                                                  "error"],
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
