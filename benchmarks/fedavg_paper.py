@@ -44,6 +44,10 @@ ROWS: dict[str, tuple[int | None, list[str], int]] = {
     "E1-noniid-fedadam": (None, [*NON_IID, "client.epochs=1", "server.algorithm=fedadam", "server.lr=0.003"], 700),
     "E1-noniid-fedadam-val": (None, [*NON_IID, "client.epochs=1", "server.algorithm=fedadam",
                                      f"server.lr={FEDADAM_VAL_LR}"], 700),
+    # the same with the running average (eta 9): on the validation split it scored 98.22% after 100 rounds
+    # against 97.95% without, so it is the validation's choice of the two; training is the same as above
+    "E1-noniid-fedadam-val-average": (None, [*NON_IID, "client.epochs=1", "server.algorithm=fedadam",
+                                             f"server.lr={FEDADAM_VAL_LR}", f"server.average={AVERAGE_ETA}"], 700),
     "E1-noniid-scaffold": (None, [*NON_IID, "client.epochs=1", "server.algorithm=scaffold"], 700),
     # the label-skew remedy at its default tau 1 (balanced softmax), not tuned here; alone and under FedAdam
     "E1-noniid-logit-adjust": (None, [*NON_IID, "client.epochs=1", "client.objective=logit_adjust"], 700),

@@ -270,14 +270,16 @@ def test_diagnosis_names_swings_between_rounds_from_the_naive_runs_second_half()
     central, naive = row("central", "", 0.99, 0.0, None), row("naive", "", 0.89, 10.0, 0.0)
     part = {"classes_per_client_mean": 3.0, "mean_tv_distance": 0.6}
 
-    def swings(accs):
-        found = write_diagnosis([central, naive], [record("n", accs, 500)], [], part, None, 1, 0.89, "x")
+    def swings(accs, rows=(central, naive)):
+        found = write_diagnosis(list(rows), [record("n", accs, 500)], [], part, None, 1, 0.89, "x")
         return next(f for f in found if "swing" in f.title or "steady" in f.title)
 
     # second half 0.90, 0.86, 0.91, 0.88: steps 4, 5 and 3 pp (the first half's 30 pp jump does not count)
     swinging = swings([0.3, 0.6, 0.9, 0.90, 0.86, 0.91, 0.88])
     assert swinging.kind == "cause" and "4.00 pp on average (at most 5.00 pp)" in swinging.text
-    assert "server.average" in swinging.text
+    assert "server.average" in swinging.text and "not run in this doctor run" in swinging.text
+    averaged = swings([0.3, 0.6, 0.9, 0.90, 0.86, 0.91, 0.88], (central, naive, row("average", "", 0.9, 9.0, 0.1)))
+    assert "server.average" in averaged.text and "not run" not in averaged.text  # the table measures it
     steady = swings([0.3, 0.6, 0.95, 0.951, 0.952, 0.953])
     assert steady.kind == "info" and steady.title == "The global model is steady between rounds"
 

@@ -116,7 +116,7 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
                    f"from {pct(acc_min)} to {pct(acc_max)} (standard deviation {100 * acc_std:.1f} pp).")
     out.append(Finding("Label heterogeneity", hetero, "info"))
 
-    for finding in (_classifier_bias(naive_recs), _swings(naive_recs)):
+    for finding in (_classifier_bias(naive_recs), _swings(naive_recs, averaged="average" in by)):
         if finding is not None:
             out.append(finding)
     out += _remedy_findings(rows, naive, gap, tie, recommended)
@@ -150,7 +150,7 @@ def _classifier_bias(naive_recs: list[RunRecord]) -> Finding | None:
     return Finding("The classifier does not lean", text, "info")
 
 
-def _swings(naive_recs: list[RunRecord]) -> Finding | None:
+def _swings(naive_recs: list[RunRecord], averaged: bool) -> Finding | None:
     """How far the naive global model moves between successive evaluations late in its run: the part of the gap
     that depends on which clients the last rounds happened to sample (what model averaging treats)."""
     steps = []
@@ -166,8 +166,9 @@ def _swings(naive_recs: list[RunRecord]) -> Finding | None:
     if mean >= ONE_SEED_NOISE_PP:
         return Finding("The global model swings from round to round", text + (
             " Each round's few clients pull it toward their own labels, so the model a run ends with depends on "
-            "which clients its last rounds sampled; averaging the round models (server.average) cancels much of "
-            "that pull."), "cause")
+            "which clients its last rounds sampled; averaging the round models (server.average) is the remedy "
+            "that targets it" + ("." if averaged else ", not run in this doctor run (`--remedies average`, or the "
+                                 "full preset, measures it).")), "cause")
     return Finding("The global model is steady between rounds", text, "info")
 
 
