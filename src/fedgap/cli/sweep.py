@@ -19,7 +19,7 @@ from fedgap.diagnose.gap import LATE_EVALS, fmt_pct
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def sweep(args, out, jobs, quiet):
     """Run a grid of experiments (cached and resumable like the doctor) and compare them."""
-    from fedgap.diagnose.sweep import run_sweep
+    from fedgap.diagnose.sweep import ranked_by_validation, run_sweep
     from fedgap.report.plots import save, sweep_figure
 
     def plot(folder: Path, runs) -> None:
@@ -30,7 +30,7 @@ def sweep(args, out, jobs, quiet):
     path, overrides = split_config_args(args)
     keys, rows, runs = run_sweep(path, overrides, out, jobs=jobs, show_progress=not quiet,
                                  command=" ".join(["fedgap", "sweep", *args]), render=plot)
-    has_val = any(r["late_val_accuracy"] is not None for r in rows)  # then rows are ranked by it
+    has_val = ranked_by_validation(rows)
     table = Table(title=f"fedgap sweep: {len(rows)} runs" + (", ranked by validation" if has_val else ""),
                   title_justify="left")
     for k in keys:

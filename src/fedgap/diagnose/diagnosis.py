@@ -14,6 +14,7 @@ import numpy as np
 
 from fedgap.diagnose.gap import LATE_EVALS, GapRow, evaluation_noise_pp
 from fedgap.diagnose.pool import RunRecord
+from fedgap.diagnose.tuning import validation_score
 from fedgap.diagnose.variants import CAUSES
 
 LAST = 3  # evaluations averaged for the naive run's diagnostics
@@ -172,14 +173,6 @@ def _swings(naive_recs: list[RunRecord], averaged: bool) -> Finding | None:
     return Finding("The global model is steady between rounds", text, "info")
 
 
-def val_at(rec: RunRecord, rounds: int) -> float | None:
-    """A run's validation score after ``rounds`` rounds, as the tuning scores a candidate there: the mean of its
-    last LATE_EVALS validation evaluations up to that round."""
-    vals = [float(r["val_accuracy"]) for r in rec.rows
-            if r.get("val_accuracy") is not None and int(r["round"]) <= rounds]
-    return float(np.mean(vals[-LATE_EVALS:])) if vals else None
-
-
 def _tuning_findings(rows: list[GapRow], naive: GapRow, naive_recs: list[RunRecord],
                      tuning: dict) -> list[Finding]:
     out: list[Finding] = []
@@ -194,7 +187,7 @@ def _tuning_findings(rows: list[GapRow], naive: GapRow, naive_recs: list[RunReco
         if res is None or not naive_recs or not any(k.key == "client.lr" for k in res.search.space):
             continue
         first = min((rounds for t in res.trials for rounds in t.scores), default=None)
-        base = val_at(naive_recs[0], first) if first is not None else None  # BatchNorm, as many rounds
+        base = validation_score(naive_recs[0], first) if first is not None else None  # BatchNorm, as many rounds
         by_lr = [(t.point, t.scores.get(first)) for t in res.trials]
         if base is None or not by_lr:
             continue

@@ -66,6 +66,12 @@ def slug(items: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "point"
 
 
+def ranked_by_validation(rows: list[dict]) -> bool:
+    """With a validation split (data.validation) the grid is ranked by it, as the doctor chooses: whoever picks
+    the top row then picks on validation, never on test; without one, by the final test accuracy."""
+    return any(r["late_val_accuracy"] is not None for r in rows)
+
+
 def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | None = None,
               show_progress: bool = True, command: str = "fedgap sweep",
               render: Callable[[Path, list], None] | None = None) -> tuple[list[str], list[dict], list]:
@@ -94,9 +100,7 @@ def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | 
         row["run_dir"] = str(rec.run_dir.relative_to(out))
         row["error"] = rec.error
         rows.append(row)
-    # with a validation split (data.validation) the grid is ranked by it, as the doctor chooses: whoever picks
-    # the top row then picks on validation, never on test; without one, by the final test accuracy
-    rank_by = "late_val_accuracy" if any(r["late_val_accuracy"] is not None for r in rows) else "final_test_accuracy"
+    rank_by = "late_val_accuracy" if ranked_by_validation(rows) else "final_test_accuracy"
     rows.sort(key=lambda r: -(r[rank_by] if r[rank_by] is not None else -1))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*keys, *COLUMNS, "late_test_accuracy", "late_val_accuracy", "run_dir",

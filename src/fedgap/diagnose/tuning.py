@@ -27,11 +27,13 @@ from fedgap.diagnose.pool import RunRecord, RunSpec, run_all
 from fedgap.diagnose.variants import Search
 
 
-def validation_score(record: RunRecord | None) -> float | None:
-    """Mean validation accuracy of the run's last LATE_EVALS evaluations; None for a failed or diverged run."""
+def validation_score(record: RunRecord | None, up_to_round: int | None = None) -> float | None:
+    """Mean validation accuracy of the run's last LATE_EVALS evaluations (those up to ``up_to_round`` if given:
+    a longer run's score at a rung); None for a failed or diverged run."""
     if record is None or not record.ok or (record.summary or {}).get("diverged_at_round"):
         return None
-    vals = [float(r["val_accuracy"]) for r in record.rows if r.get("val_accuracy") is not None]
+    vals = [float(r["val_accuracy"]) for r in record.rows if r.get("val_accuracy") is not None
+            and (up_to_round is None or int(r["round"]) <= up_to_round)]
     return float(np.mean(vals[-LATE_EVALS:])) if vals else None
 
 
