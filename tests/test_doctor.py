@@ -2,6 +2,7 @@
 cases (variant construction, the gap arithmetic, the diagnosis rules)."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -146,12 +147,16 @@ def test_successive_halving_keeps_the_best_third_by_validation_and_extends_it(mo
     assert res.rounds_trained == 9 * 25 + 3 * 50 + 125 == tuning.budget_rounds([search], (25, 75, 200), 3, 200)
 
 
-def forward_selection(monkeypatch, tmp_path, score):
+RETUNING = dataclasses.replace(V.PRESETS["quick"], rungs=(10, 30), combine_steps=2, combine_retune=True)
+
+
+def forward_selection(monkeypatch, tmp_path, score, preset=RETUNING):
     """The doctor's forward selection over LA (best), FedBN and FedAdam (single-tuned at server lr 0.01), on a
-    stand-in pool whose runs score ``score(cfg)`` on validation."""
+    stand-in pool whose runs score ``score(cfg)`` on validation; by default as the full preset combines (every
+    added remedy tuned again on top, more than one step) at quick's length."""
     from fedgap.diagnose import doctor, tuning
 
-    tree = V.base_tree(V.PRESETS["quick"], None, [])
+    tree = V.base_tree(preset, None, [])
     singles = [V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None, ("client.objective=logit_adjust",)),
                V.Variant("fedbn", "FedBN", V.NORMALIZATION, None, ("model.norm_policy=local",)),
                V.Variant("fedadam", "FedAdam", V.SERVER, None, ("server.optimizer=adam", "server.lr=0.01"))]
@@ -162,7 +167,7 @@ def forward_selection(monkeypatch, tmp_path, score):
     monkeypatch.setattr(tuning, "run_all", run_all)
     records, tuned = {}, {}
     naive = V.config_from_dict(tree)
-    tried, notes, spent = doctor._forward_selection(naive, tree, singles, scores, V.PRESETS["quick"], tmp_path, 1,
+    tried, notes, spent = doctor._forward_selection(naive, tree, singles, scores, preset, tmp_path, 1,
                                                     False, records, tuned)
     return tried, notes, spent, calls, scores, tuned
 
@@ -175,8 +180,9 @@ def test_forward_selection_retunes_each_added_remedy_on_top_of_the_set(monkeypat
     tried, notes, spent, calls, scores, tuned = forward_selection(monkeypatch, tmp_path, score)
     adam = [f"logit_adjust+fedadam-{i}" for i in range(3)]
     assert [[c for c in call] for call in calls] == [
-        [(n, 10) for n in adam],  # FedAdam's server lr again, on top of LA (FedBN has nothing to tune)
-        [("logit_adjust+fedbn-0", 30), ("logit_adjust+fedadam-0", 30)],
+        # FedAdam's server lr again, on top of LA; FedBN has nothing to tune and runs to the end beside it
+        [("logit_adjust+fedbn-0", 30)] + [(n, 10) for n in adam],
+        [("logit_adjust+fedadam-0", 30)],
         [(f"logit_adjust+fedbn+fedadam-{i}", 10) for i in range(3)],  # and again on top of LA + FedBN
         [("logit_adjust+fedbn+fedadam-0", 30)]]
     assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
@@ -186,6 +192,40 @@ def test_forward_selection_retunes_each_added_remedy_on_top_of_the_set(monkeypat
         (0.001, "local", "logit_adjust")  # not the 0.01 FedAdam chose under plain cross-entropy
     assert tuned[final.key].best.point == ("server.lr=0.001",)
     assert spent == 3 * 10 + 20 + 30 + 3 * 10 + 20
+
+
+def test_quick_forward_selection_tries_pairs_at_each_remedys_own_tuned_values(monkeypatch, tmp_path):
+    def score(cfg):  # FedAdam at server lr 0.001 would help LA, but quick does not tune it again on top
+        adam = (0.005 if cfg.server.lr == 0.001 else -0.01) if cfg.server.optimizer == "adam" else 0.0
+        return 0.90 + 0.02 * (cfg.model.norm_policy == "local") + adam
+
+    tried, notes, spent, calls, scores, tuned = forward_selection(monkeypatch, tmp_path, score, V.PRESETS["quick"])
+    # one batch, both pairs straight to the full length, no third remedy
+    assert calls == [[("logit_adjust+fedbn-0", 30), ("logit_adjust+fedadam-0", 30)]]
+    assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam"] and not notes
+    adam = next(v for v in tried if v.key == "logit_adjust+fedadam")
+    assert adam.cfg.server.lr == 0.01 and tuned[adam.key].best.point == ()  # FedAdam's value tuned alone
+    assert scores["logit_adjust+fedbn"] == pytest.approx(0.92) and spent == 2 * 30
+    cut = V.PRESETS["quick"].cut(V.config_from_dict(V.base_tree(V.PRESETS["quick"], None, [])), 3, 1)
+    assert "at most 1 remedy" in cut and "own tuned values" in cut
+
+
+def test_a_search_with_one_candidate_runs_to_the_last_rung_in_the_first_batch(monkeypatch, tmp_path):
+    from fedgap.diagnose import tuning
+
+    tree = V.base_tree(V.PRESETS["quick"], None, [])
+    naive = V.config_from_dict(tree)
+    searches = [s for s in V.searches(naive, tree, V.PRESETS["quick"])[0] if s.remedy.key in ("fedbn", "feddyn")]
+    run_all, calls = fake_runs(lambda c: 0.9 - abs(c.objective.feddyn.alpha - 0.01))
+    monkeypatch.setattr(tuning, "run_all", run_all)
+    results, _ = tuning.successive_halving(searches, tree, (9, 30), 3, tmp_path, rounds=30, jobs=1,
+                                           show_progress=False, title="t")
+    # FedBN (nothing to tune) goes to 30 rounds beside FedDyn's first rung, longest first; FedDyn's best continues
+    assert calls == [[("fedbn-0", 30)] + [(f"feddyn-{i}", 9) for i in range(4)], [("feddyn-2", 30)]]
+    assert results["fedbn"].best.scores == {30: pytest.approx(0.9)} and results["fedbn"].rounds_trained == 30
+    assert results["feddyn"].best.point == ("objective.feddyn.alpha=0.01",)
+    assert sum(r.rounds_trained for r in results.values()) == \
+        tuning.budget_rounds(searches, (9, 30), 3, 30) == 30 + 4 * 9 + 21
 
 
 def test_forward_selection_adds_a_cause_only_while_validation_rises(monkeypatch, tmp_path):

@@ -243,7 +243,8 @@ def _forward_selection(naive: Config, tree: dict, singles: list[V.Variant], scor
     Start from the best tuned remedy; each step adds every cause not yet in the set through its best remedy,
     with that remedy's own hyper-parameters tuned again on top of the set by the same successive halving
     (a server lr or a FedDyn alpha tuned under plain cross-entropy need not suit logit adjustment; the set's
-    client lr stays), all causes' searches in one halving; it keeps the addition that raises validation accuracy
+    client lr stays), all causes' searches in one halving (``p.combine_retune`` False: each at the values it
+    was tuned to alone, one candidate); it keeps the addition that raises validation accuracy
     most and stops when none does or after ``p.combine_steps`` additions. Client objectives of two causes are
     joined (``logit_adjust+feddyn``). Each addition's tuning goes into ``tuning`` under its key. Returns the
     variants tried, notes for the report and the training rounds spent."""
@@ -262,7 +263,7 @@ def _forward_selection(naive: Config, tree: dict, singles: list[V.Variant], scor
     tried: list[V.Variant] = []
     spent = 0
     for _ in range(p.combine_steps):
-        searches = [V.added_search(tree, current, V.REMEDY_BY_KEY[v.key], naive)
+        searches = [V.added_search(tree, current, v, naive, p.combine_retune)
                     for c, v in best_of_cause.items() if c not in causes]
         if not searches:
             break
