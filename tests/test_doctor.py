@@ -180,9 +180,8 @@ def test_forward_selection_retunes_each_added_remedy_on_top_of_the_set(monkeypat
     tried, notes, spent, calls, scores, tuned = forward_selection(monkeypatch, tmp_path, score)
     adam = [f"logit_adjust+fedadam-{i}" for i in range(3)]
     assert [[c for c in call] for call in calls] == [
-        # FedAdam's server lr again, on top of LA; FedBN has nothing to tune and runs to the end beside it
-        [("logit_adjust+fedbn-0", 30)] + [(n, 10) for n in adam],
-        [("logit_adjust+fedadam-0", 30)],
+        [(n, 10) for n in adam],  # FedAdam's server lr again, on top of LA (FedBN has nothing to tune)
+        [("logit_adjust+fedbn-0", 30), ("logit_adjust+fedadam-0", 30)],
         [(f"logit_adjust+fedbn+fedadam-{i}", 10) for i in range(3)],  # and again on top of LA + FedBN
         [("logit_adjust+fedbn+fedadam-0", 30)]]
     assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
@@ -210,20 +209,19 @@ def test_quick_forward_selection_tries_pairs_at_each_remedys_own_tuned_values(mo
     assert "at most 1 remedy" in cut and "own tuned values" in cut
 
 
-def test_a_search_with_one_candidate_runs_to_the_last_rung_in_the_first_batch(monkeypatch, tmp_path):
+def test_a_search_with_one_candidate_runs_at_the_last_rung_and_longer_runs_start_first(monkeypatch, tmp_path):
     from fedgap.diagnose import tuning
 
     tree = V.base_tree(V.PRESETS["quick"], None, [])
     naive = V.config_from_dict(tree)
-    searches = [s for s in V.searches(naive, tree, V.PRESETS["quick"])[0] if s.remedy.key in ("fedbn", "feddyn")]
+    searches = [s for s in V.searches(naive, tree, V.PRESETS["quick"])[0] if s.remedy.key in ("feddyn", "fedbn")]
     run_all, calls = fake_runs(lambda c: 0.9 - abs(c.objective.feddyn.alpha - 0.01))
     monkeypatch.setattr(tuning, "run_all", run_all)
     results, _ = tuning.successive_halving(searches, tree, (9, 30), 3, tmp_path, rounds=30, jobs=1,
                                            show_progress=False, title="t")
-    # FedBN (nothing to tune) goes to 30 rounds beside FedDyn's first rung, longest first; FedDyn's best continues
-    assert calls == [[("fedbn-0", 30)] + [(f"feddyn-{i}", 9) for i in range(4)], [("feddyn-2", 30)]]
-    assert results["fedbn"].best.scores == {30: pytest.approx(0.9)} and results["fedbn"].rounds_trained == 30
-    assert results["feddyn"].best.point == ("objective.feddyn.alpha=0.01",)
+    # FedBN (nothing to tune) first trains at the last rung, before FedDyn's best continues from round 9
+    assert calls == [[(f"feddyn-{i}", 9) for i in range(4)], [("fedbn-0", 30), ("feddyn-2", 30)]]
+    assert results["fedbn"].rounds_trained == 30 and results["feddyn"].best.point == ("objective.feddyn.alpha=0.01",)
     assert sum(r.rounds_trained for r in results.values()) == \
         tuning.budget_rounds(searches, (9, 30), 3, 30) == 30 + 4 * 9 + 21
 

@@ -4,10 +4,10 @@ validation split (Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband's inner l
 All candidates of every search (a remedy's grid of hyper-parameter values) train for the first rung's rounds;
 each search keeps the best 1/keep of its candidates by validation score; those continue to the next rung, and
 so on until the last rung (the preset's rounds); a search with one candidate left (or one from the start) runs
-it to the last rung in the next batch, beside the others' shorter runs. The score is the mean validation
-accuracy of a run's last ``LATE_EVALS`` evaluations (one evaluation swings by 10 pp under label skew), never a
-test number. A continuing candidate is the same run extended (the pool resumes it from its checkpoint), so
-halving costs no repeated rounds.
+it at the last rung, beside the others' continuing runs. The score is the mean validation accuracy of a run's
+last ``LATE_EVALS`` evaluations (one evaluation swings by 10 pp under label skew), never a test number. A
+continuing candidate is the same run extended (the pool resumes it from its checkpoint), so halving costs no
+repeated rounds.
 
 Why not an asynchronous pruner (Optuna's SuccessiveHalvingPruner, Ray Tune's ASHA): they decide on each
 trial as its results arrive, so with runs in parallel the choice depends on which finished first, and the same
@@ -82,20 +82,19 @@ def successive_halving(searches: list[Search], tree: dict, rungs: tuple[int, ...
     steps = rungs_for(rungs, rounds)
     for level, length in enumerate(steps):
         last = level == len(steps) - 1
-        # a search down to one candidate goes straight to the last rung, in the first batch it can join (an
-        # intermediate score decides nothing); the longest runs are started first, so no core idles at the end
-        batch = [(t, length if len(ts) > 1 else rounds) for ts in alive.values() for t in ts
-                 if len(ts) > 1 or rounds not in t.scores]
-        batch.sort(key=lambda tl: -tl[1])
-        specs = [RunSpec(t.name, _at_length(t.search.candidate(tree, t.point), n)) for t, n in batch]
+        # a search down to one candidate goes straight to the last rung: an intermediate score decides nothing.
+        # The runs with the most rounds still to train start first, so no core idles at the end of the batch.
+        batch = [t for ts in alive.values() for t in ts if last or len(ts) > 1]
+        batch.sort(key=lambda t: max(t.scores, default=0))
+        specs = [RunSpec(t.name, _at_length(t.search.candidate(tree, t.point), length)) for t in batch]
         extra = list(also) if level == 0 else []
         if not specs and not extra:
-            continue  # every search already at the last rung
+            continue  # every search has one candidate: nothing to compare before the last rung
         records = run_all(extra + specs, out, jobs=jobs, show_progress=show_progress,
                           title=f"{title}: rung {level + 1} of {len(steps)} ({length} rounds)")
         also_records, records = records[: len(extra)] or also_records, records[len(extra):]
-        for (t, n), rec in zip(batch, records, strict=True):
-            t.record, t.scores[n] = rec, validation_score(rec)
+        for t, rec in zip(batch, records, strict=True):
+            t.record, t.scores[length] = rec, validation_score(rec)
         if not last:
             for key, ts in alive.items():
                 if len(ts) > 1:
