@@ -203,10 +203,23 @@ def test_quick_forward_selection_tries_pairs_at_each_remedys_own_tuned_values(mo
     assert calls == [[("logit_adjust+fedbn-0", 30), ("logit_adjust+fedadam-0", 30)]]
     assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam"] and not notes
     adam = next(v for v in tried if v.key == "logit_adjust+fedadam")
-    assert adam.cfg.server.lr == 0.01 and tuned[adam.key].best.point == ()  # FedAdam's value tuned alone
+    assert adam.cfg.server.lr == 0.01 and tuned[adam.key].best.point == ("server.lr=0.01",)  # tuned alone
+    assert tuned[adam.key].searched() == "its values tuned alone, kept"
     assert scores["logit_adjust+fedbn"] == pytest.approx(0.92) and spent == 2 * 30
     cut = V.PRESETS["quick"].cut(V.config_from_dict(V.base_tree(V.PRESETS["quick"], None, [])), 3, 1)
     assert "at most 1 remedy" in cut and "own tuned values" in cut
+
+
+def test_an_added_remedy_kept_at_its_own_values_keeps_its_own_optimizer_lr():
+    tree = V.base_tree(V.PRESETS["quick"], None, [])
+    naive = V.config_from_dict(tree)
+    la = V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None, ("client.objective=logit_adjust", "client.lr=0.1"))
+    adamw = V.Variant("adamw", "AdamW", V.REGULARIZATION, None,
+                      V.REMEDY_BY_KEY["adamw"].overrides + ("client.lr=0.001",))
+    search = V.added_search(tree, la, adamw, naive, retune=False)
+    cfg = search.candidate(tree, search.grid[0])
+    assert search.grid == [("client.lr=0.001",)] and search.key == "logit_adjust+adamw"
+    assert (cfg.client.optimizer, cfg.client.lr, cfg.client.objective) == ("adamw", 0.001, "logit_adjust")
 
 
 def test_a_search_with_one_candidate_runs_at_the_last_rung_and_longer_runs_start_first(monkeypatch, tmp_path):

@@ -63,6 +63,8 @@ class TuneResult:
     rounds_trained: int  # the search's total training rounds (extended runs counted once)
 
     def searched(self) -> str:
+        if not self.search.space and self.best.point:
+            return "its values tuned alone, kept"  # a remedy added to a set without tuning it again
         return "; ".join(k.describe() for k in self.search.space) or "nothing to tune"
 
 
