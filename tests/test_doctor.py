@@ -398,6 +398,9 @@ def test_doctor_writes_table_report_and_summary(doctored):
     assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page  # self-contained, works offline
     assert "The gap" in page and "This run leaves out" in page and "recommended.yaml" in page
+    # the quick preset adds remedies to the set at their own tuned values, and the report says so
+    assert summary["budget"]["combination_rounds"] > 0 and summary["budget"]["combination_retune"] is False
+    assert "added each remedy at the values it was tuned to alone" in page
     # the recommendation: the highest validation accuracy, written as a config `fedgap run` takes as it is
     best = max((r for r in rows if r["variant"] != "central" and r["final_val_accuracy"]),
                key=lambda r: float(r["final_val_accuracy"]))

@@ -178,7 +178,7 @@ def _diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Pat
     # 3. the combination, by greedy forward selection on validation accuracy
     combos, notes, spent = _forward_selection(naive, tree, singles, scores, p, out, jobs, show_progress, records,
                                               tuning)
-    budget["combination_rounds"] = spent
+    budget["combination_rounds"], budget["combination_retune"] = spent, p.combine_retune
     variants = [central, naive_v, *singles, *combos]
     if seeds > 1:  # more seeds of what was chosen, for the report (selection used seed 0 only)
         extra = _run([v for v in variants if v.key not in ("central", "naive")], seeds, out, jobs, show_progress,

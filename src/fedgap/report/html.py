@@ -105,6 +105,9 @@ def _combination_budget(b: dict) -> str:
     spent = b.get("combination_rounds")
     if not spent:
         return ""
+    if not b.get("combination_retune", True):
+        return (f" The combination search added each remedy at the values it was tuned to alone (not tuned again "
+                f"on top of the set; the set's client lr kept): {_e(spent)} more training rounds.")
     return (f" The combination search tuned each added remedy's own values again on top of the set (the set's "
             f"client lr kept), by the same halving: {_e(spent)} more training rounds.")
 
