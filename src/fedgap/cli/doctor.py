@@ -32,10 +32,19 @@ def _remedies_help() -> str:
         f"{r.label}{'*' if r.key in quick else ''}" for r in REMEDIES) + ". " + EPILOG
 
 
+def _presets_help() -> str:
+    from fedgap.diagnose.variants import PRESETS
+
+    q, f = PRESETS["quick"], PRESETS["full"]
+    return (f"quick: {q.rounds} rounds, {len(q.remedies)} remedies, the best paired with each other cause's at "
+            f"its own tuned values (6-8 minutes on 2 cores); full: {f.rounds} rounds, all {len(f.remedies)} "
+            f"remedies also over the client lr, up to {f.combine_steps} added and tuned again on top (hours).")
+
+
 @click.command(epilog=_remedies_help())
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [OVERRIDES]...")
 @click.option("--preset", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
-              help="quick: about 10 minutes on 2 cores, some variants and rounds cut; full: everything to convergence.")
+              help=_presets_help())
 @click.option("--seeds", type=click.IntRange(1, 20), default=1, show_default=True,
               help="Seeds per variant (mean and standard deviation in the table).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/doctor"), show_default=True,
