@@ -105,11 +105,11 @@ def _combination_budget(b: dict) -> str:
     spent = b.get("combination_rounds")
     if not spent:
         return ""
-    if not b.get("combination_retune", True):
-        return (f" The combination search added each remedy at the values it was tuned to alone (not tuned again "
-                f"on top of the set; the set's client lr kept): {_e(spent)} more training rounds.")
-    return (f" The combination search tuned each added remedy's own values again on top of the set (the set's "
-            f"client lr kept), by the same halving: {_e(spent)} more training rounds.")
+    how = ("tuned each added remedy's own values again on top of the set (the set's client lr kept), by the same "
+           "halving" if b.get("combination_retune", True) else
+           "added each remedy at the values it was tuned to alone (not tuned again on top of the set; the set's "
+           "client lr kept)")
+    return f" The combination search {how}: {_e(spent)} more training rounds."
 
 
 def _setting(cfg) -> str:
