@@ -44,7 +44,7 @@ def test_fedavg_with_one_client_is_centralized_sgd_step_for_step(tiny_idx):
     assert steps == 3 * 10  # 300 samples: 9 full batches and one of 12, three epochs
     reference = float_state(model)
     for k, v in reference.items():
-        assert torch.equal(exp.state[k], v), k  # bit for bit
+        assert torch.equal(exp.server.model[k], v), k  # bit for bit
 
 
 def fake_result(cid, n, value, keys_like):
@@ -54,9 +54,9 @@ def fake_result(cid, n, value, keys_like):
 def test_aggregation_is_weighted_by_client_samples():
     cfg = load_config(overrides=["data.num_clients=4", "server.clients_per_round=2"])
     exp = Experiment(cfg, None, show_progress=False)
-    floats = {k: v for k, v in exp.state.items() if v.is_floating_point()}
-    counter_before = exp.state["features.0.1.num_batches_tracked"].clone()
-    new = exp._aggregate([fake_result(0, 100, 1.0, floats), fake_result(3, 300, 5.0, floats)])
+    floats = {k: v for k, v in exp.server.model.items() if v.is_floating_point()}
+    counter_before = exp.server.model["features.0.1.num_batches_tracked"].clone()
+    new = exp.aggregate([fake_result(0, 100, 1.0, floats), fake_result(3, 300, 5.0, floats)], 1).model
     for k in floats:
         assert torch.allclose(new[k], torch.full_like(new[k], (100 * 1.0 + 300 * 5.0) / 400), atol=1e-6), k
     assert torch.equal(new["features.0.1.num_batches_tracked"], counter_before)  # integer buffers not averaged
@@ -68,9 +68,9 @@ def test_fedbn_global_norm_layers_are_the_plain_average_whatever_the_server_opti
     cfg = load_config(overrides=["data.num_clients=4", "server.clients_per_round=2", "model.norm_policy=local",
                                  "server.optimizer=yogi", "server.lr=0.01"])
     exp = Experiment(cfg, None, show_progress=False)
-    floats = {k: v for k, v in exp.state.items() if v.is_floating_point()}
-    old = {k: v.clone() for k, v in exp.state.items()}
-    new = exp._aggregate([fake_result(0, 100, 1.0, floats), fake_result(3, 300, 5.0, floats)])
+    floats = {k: v for k, v in exp.server.model.items() if v.is_floating_point()}
+    old = {k: v.clone() for k, v in exp.server.model.items()}
+    new = exp.aggregate([fake_result(0, 100, 1.0, floats), fake_result(3, 300, 5.0, floats)], 1).model
     norm_params = [k for k in exp.param_keys if k in exp.norm_keys]
     assert norm_params
     for k in norm_params:
@@ -105,24 +105,25 @@ def test_fedbn_keeps_each_clients_norm_layers(tmp_path, tiny_idx):
     exp.run()
     norm_keys = exp.norm_keys
     assert norm_keys and all("running" in k or k.endswith(("weight", "bias")) for k in norm_keys)
-    seen = sorted(exp.client_store)
-    assert seen and all(set(exp.client_store[c]["norm"]) == norm_keys for c in seen)
+    seen = sorted(exp.server.clients)
+    assert seen and all(set(exp.server.clients[c]["norm"]) == norm_keys for c in seen)
     # Two clients' own norm layers differ from each other and from the global average.
-    a, b = (exp.client_store[c]["norm"] for c in seen[:2])
+    a, b = (exp.server.clients[c]["norm"] for c in seen[:2])
     key = "features.0.1.running_mean"
-    assert not torch.equal(a[key], b[key]) and not torch.equal(a[key], exp.state[key])
+    assert not torch.equal(a[key], b[key]) and not torch.equal(a[key], exp.server.model[key])
     # A client starts from the global weights with its own norm layers swapped in.
     from fedgap.fl.client import start_state
 
-    start = start_state(RoundContext(4, exp.state), ClientTask(seen[0], np.arange(3), exp.client_store[seen[0]]),
+    own = exp.server.clients[seen[0]]
+    start = start_state(RoundContext(4, exp.server.model), ClientTask(seen[0], np.arange(3), own),
                         exp.hp)
-    assert torch.equal(start[key], exp.client_store[seen[0]]["norm"][key])
+    assert torch.equal(start[key], exp.server.clients[seen[0]]["norm"][key])
     conv = "features.0.0.weight"
-    assert torch.equal(start[conv], exp.state[conv])
+    assert torch.equal(start[conv], exp.server.model[conv])
     # Through a resume, the per-client norm state survives unchanged.
     again = Experiment(cfg, tmp_path / "run", resume=True, show_progress=False)
-    assert sorted(again.client_store) == seen
-    assert all(torch.equal(again.client_store[c]["norm"][k], exp.client_store[c]["norm"][k])
+    assert sorted(again.server.clients) == seen
+    assert all(torch.equal(again.server.clients[c]["norm"][k], exp.server.clients[c]["norm"][k])
                for c in seen for k in norm_keys)
 
 
@@ -181,13 +182,13 @@ def test_every_preset_resumes_exactly_and_is_deterministic(tmp_path, tiny_idx, o
     resumed = Experiment(cfg, tmp_path / "cut", resume=True, show_progress=False)
     resumed.run()
     assert numbers(resumed.rows) == numbers(straight.rows)
-    for name in ("state", "server_state", "objective_state"):
-        a, b = getattr(resumed, name), getattr(straight, name)
+    for name in ("model", "optimizer", "objective"):
+        a, b = getattr(resumed.server, name), getattr(straight.server, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert resumed.client_store.keys() == straight.client_store.keys()
+    assert resumed.server.clients.keys() == straight.server.clients.keys()
     # and the run actually moved: the server state differs from the initial model
     init = initial_model(cfg, straight.data).state_dict()
-    assert any(not torch.equal(init[k], straight.state[k]) for k in straight.param_keys)
+    assert any(not torch.equal(init[k], straight.server.model[k]) for k in straight.param_keys)
 
 
 @pytest.mark.parametrize("overrides", CASES, ids=IDS)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_args
+from fedgap.callbacks import RoundCallback
 from fedgap.config import config_to_dict, load_config, results_hash
 from fedgap.experiment.loop import Experiment
 from fedgap.experiment.outputs import load_checkpoint
@@ -53,7 +54,7 @@ def test_a_later_first_round_starts_the_average_fresh():
 def capture_states():
     states = []
 
-    class Capture:
+    class Capture(RoundCallback):
         def on_round_end(self, info):
             states.append({k: v.clone() for k, v in info.state.items()})
             return {}
@@ -82,8 +83,8 @@ def test_the_loop_evaluates_the_average_and_trains_from_the_round_model(tiny_idx
         if t > 1:  # the round's own model scores otherwise: the rows really are the average's
             assert row["test_loss"] != exp.engine.evaluate_test(st).loss
     saved = load_checkpoint(tmp_path / "avg" / "checkpoint.pt")
-    assert all(torch.equal(saved["average"][k], avg[k]) for k in avg)
-    assert all(torch.equal(saved["state"][k], states[-1][k]) for k in states[-1])
+    assert all(torch.equal(saved["server"]["average"][k], avg[k]) for k in avg)
+    assert all(torch.equal(saved["server"]["model"][k], states[-1][k]) for k in states[-1])
 
 
 def test_extending_an_averaged_run_equals_running_it_through(tiny_idx, tmp_path):
@@ -94,7 +95,8 @@ def test_extending_an_averaged_run_equals_running_it_through(tiny_idx, tmp_path)
                show_progress=False).run()
     full, cut = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "cut"))
     assert [r["test_accuracy"] for r in full["rows"]] == [r["test_accuracy"] for r in cut["rows"]]
-    assert all(torch.equal(full["average"][k], cut["average"][k]) for k in full["average"])
+    assert all(torch.equal(full["server"]["average"][k], cut["server"]["average"][k])
+               for k in full["server"]["average"])
 
 
 def test_off_by_default_and_absent_from_the_hash_while_off():

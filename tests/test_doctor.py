@@ -14,11 +14,13 @@ import pytest
 
 from conftest import cli, tiny_args
 from fedgap.config import config_to_dict, load_config
+from fedgap.diagnose import combine
 from fedgap.diagnose import variants as V
 from fedgap.diagnose.diagnosis import write_diagnosis
 from fedgap.diagnose.gap import GapRow, accuracy_at_samples, gap_rows, status
-from fedgap.diagnose.pool import RunRecord, RunSpec
+from fedgap.diagnose.tuning import SearchContext, budget_rounds, successive_halving
 from fedgap.experiment.outputs import RunLock
+from fedgap.runs.records import RunRecord, RunSpec
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target"]
 
@@ -114,10 +116,11 @@ def test_a_combination_joins_a_loss_objective_and_a_gradient_objective():
 
 # ----------------------------------------------------------------------------------------- tuning
 def fake_runs(score_of):
-    """A stand-in for the pool: each run's validation curve is flat at ``score_of(cfg)``."""
+    """A run function standing in for the pool: each run's validation curve is flat at ``score_of(cfg)``; the
+    calls are recorded as [(name, rounds) per spec] per call."""
     calls = []
 
-    def run_all(specs, out, **kwargs):
+    def run(specs, title):
         calls.append([(s.name, s.cfg.server.rounds) for s in specs])
         recs = []
         for s in specs:
@@ -127,35 +130,28 @@ def fake_runs(score_of):
                                             "best_test_accuracy": 0.5, "wall_seconds": 1.0}, rows))
         return recs
 
-    return run_all, calls
+    return run, calls
 
 
-def test_successive_halving_keeps_the_best_third_by_validation_and_extends_it(monkeypatch, tmp_path):
-    from fedgap.diagnose import tuning
-
+def test_successive_halving_keeps_the_best_third_by_validation_and_extends_it():
     tree = V.base_tree(V.PRESETS["full"], None, [])
     naive = V.config_from_dict(tree)
     search = next(s for s in V.searches(naive, tree, V.PRESETS["full"])[0] if s.remedy.key == "logit_adjust")
     # validation peaks at tau 1.0, lr 0.05; grid order: tau-major
-    run_all, calls = fake_runs(lambda c: 0.9 - abs(c.objective.logit_adjust.tau - 1.0) / 10 - abs(c.client.lr - 0.05))
-    monkeypatch.setattr(tuning, "run_all", run_all)
-    results, _ = tuning.successive_halving([search], tree, (25, 75, 200), 3, tmp_path, rounds=200, jobs=1,
-                                           show_progress=False, title="t")
-    res = results["logit_adjust"]
+    run, calls = fake_runs(lambda c: 0.9 - abs(c.objective.logit_adjust.tau - 1.0) / 10 - abs(c.client.lr - 0.05))
+    res = successive_halving([search], SearchContext(tree, (25, 75, 200), 3, 200, run)).results["logit_adjust"]
     assert [len(c) for c in calls] == [9, 3, 1] and [c[0][1] for c in calls] == [25, 75, 200]
     assert res.best.point == ("objective.logit_adjust.tau=1.0", "client.lr=0.05")
-    assert res.rounds_trained == 9 * 25 + 3 * 50 + 125 == tuning.budget_rounds([search], (25, 75, 200), 3, 200)
+    assert res.rounds_trained == 9 * 25 + 3 * 50 + 125 == budget_rounds([search], (25, 75, 200), 3, 200)
 
 
 RETUNING = dataclasses.replace(V.PRESETS["quick"], rungs=(10, 30), combine_steps=2, combine_retune=True)
 
 
-def forward_selection(monkeypatch, tmp_path, score, preset=RETUNING):
+def forward_selection(score, preset=RETUNING):
     """The doctor's forward selection over LA (best), FedBN and FedAdam (single-tuned at server lr 0.01), on a
-    stand-in pool whose runs score ``score(cfg)`` on validation; by default as the full preset combines (every
-    added remedy tuned again on top, more than one step) at quick's length."""
-    from fedgap.diagnose import doctor, tuning
-
+    run function whose runs score ``score(cfg)`` on validation; by default as the full preset combines (every
+    added remedy tuned again on top, more than one step) at quick's length. Returns (selection, calls)."""
     tree = V.base_tree(preset, None, [])
     singles = [V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None, ("client.objective=logit_adjust",)),
                V.Variant("fedbn", "FedBN", V.NORMALIZATION, None, ("model.norm_policy=local",)),
@@ -163,49 +159,48 @@ def forward_selection(monkeypatch, tmp_path, score, preset=RETUNING):
     for v in singles:
         v.cfg = V.with_overrides(tree, v.overrides)
     scores = {"logit_adjust": 0.90, "fedbn": 0.85, "fedadam": 0.80}
-    run_all, calls = fake_runs(score)
-    monkeypatch.setattr(tuning, "run_all", run_all)
-    records, tuned = {}, {}
+    run, calls = fake_runs(score)
     naive = V.config_from_dict(tree)
-    tried, notes, spent = doctor._forward_selection(naive, tree, singles, scores, preset, tmp_path, 1,
-                                                    False, records, tuned)
-    return tried, notes, spent, calls, scores, tuned
+    ctx = SearchContext(tree, preset.rungs, preset.keep, naive.server.rounds, run)
+    selection = combine.forward_selection(singles, scores, naive, ctx, preset.combine_steps, preset.combine_retune)
+    assert scores == {"logit_adjust": 0.90, "fedbn": 0.85, "fedadam": 0.80}  # its inputs are left as they were
+    return selection, calls
 
 
-def test_forward_selection_retunes_each_added_remedy_on_top_of_the_set(monkeypatch, tmp_path):
+def test_forward_selection_retunes_each_added_remedy_on_top_of_the_set():
     def score(cfg):  # FedBN adds 2 pp to LA; FedAdam adds 0.5 pp at server lr 0.001, costs 1 pp at others
         adam = (0.005 if cfg.server.lr == 0.001 else -0.01) if cfg.server.optimizer == "adam" else 0.0
         return 0.90 + 0.02 * (cfg.model.norm_policy == "local") + adam
 
-    tried, notes, spent, calls, scores, tuned = forward_selection(monkeypatch, tmp_path, score)
+    sel, calls = forward_selection(score)
     adam = [f"logit_adjust+fedadam-{i}" for i in range(3)]
     assert [[c for c in call] for call in calls] == [
         [(n, 10) for n in adam],  # FedAdam's server lr again, on top of LA (FedBN has nothing to tune)
         [("logit_adjust+fedbn-0", 30), ("logit_adjust+fedadam-0", 30)],
         [(f"logit_adjust+fedbn+fedadam-{i}", 10) for i in range(3)],  # and again on top of LA + FedBN
         [("logit_adjust+fedbn+fedadam-0", 30)]]
-    assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
-    final = tried[-1]
-    assert scores[final.key] == pytest.approx(0.925) and not notes
+    assert [v.key for v in sel.tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
+    final = sel.tried[-1]
+    assert sel.score(final.key) == pytest.approx(0.925) and not sel.notes
     assert (final.cfg.server.lr, final.cfg.model.norm_policy, final.cfg.client.objective) == \
         (0.001, "local", "logit_adjust")  # not the 0.01 FedAdam chose under plain cross-entropy
-    assert tuned[final.key].best.point == ("server.lr=0.001",)
-    assert spent == 3 * 10 + 20 + 30 + 3 * 10 + 20
+    assert sel.tuning[final.key].best.point == ("server.lr=0.001",)
+    assert sel.rounds == 3 * 10 + 20 + 30 + 3 * 10 + 20
 
 
-def test_quick_forward_selection_tries_pairs_at_each_remedys_own_tuned_values(monkeypatch, tmp_path):
+def test_quick_forward_selection_tries_pairs_at_each_remedys_own_tuned_values():
     def score(cfg):  # FedAdam at server lr 0.001 would help LA, but quick does not tune it again on top
         adam = (0.005 if cfg.server.lr == 0.001 else -0.01) if cfg.server.optimizer == "adam" else 0.0
         return 0.90 + 0.02 * (cfg.model.norm_policy == "local") + adam
 
-    tried, notes, spent, calls, scores, tuned = forward_selection(monkeypatch, tmp_path, score, V.PRESETS["quick"])
+    sel, calls = forward_selection(score, V.PRESETS["quick"])
     # one batch, both pairs straight to the full length, no third remedy
     assert calls == [[("logit_adjust+fedbn-0", 30), ("logit_adjust+fedadam-0", 30)]]
-    assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam"] and not notes
-    adam = next(v for v in tried if v.key == "logit_adjust+fedadam")
-    assert adam.cfg.server.lr == 0.01 and tuned[adam.key].best.point == ("server.lr=0.01",)  # tuned alone
-    assert tuned[adam.key].searched() == "its values tuned alone, kept"
-    assert scores["logit_adjust+fedbn"] == pytest.approx(0.92) and spent == 2 * 30
+    assert [v.key for v in sel.tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam"] and not sel.notes
+    adam = next(v for v in sel.tried if v.key == "logit_adjust+fedadam")
+    assert adam.cfg.server.lr == 0.01 and sel.tuning[adam.key].best.point == ("server.lr=0.01",)  # tuned alone
+    assert sel.tuning[adam.key].searched() == "its values tuned alone, kept"
+    assert sel.score("logit_adjust+fedbn") == pytest.approx(0.92) and sel.rounds == 2 * 30
     cut = V.PRESETS["quick"].cut(V.config_from_dict(V.base_tree(V.PRESETS["quick"], None, [])), 3, 1)
     assert "at most 1 remedy" in cut and "own tuned values" in cut
 
@@ -216,36 +211,43 @@ def test_an_added_remedy_kept_at_its_own_values_keeps_its_own_optimizer_lr():
     la = V.Variant("logit_adjust", "LA", V.LABEL_SKEW, None, ("client.objective=logit_adjust", "client.lr=0.1"))
     adamw = V.Variant("adamw", "AdamW", V.REGULARIZATION, None,
                       V.REMEDY_BY_KEY["adamw"].overrides + ("client.lr=0.001",))
-    search = V.added_search(tree, la, adamw, naive, retune=False)
+    search = V.added_search(la, adamw, naive, retune=False)
     cfg = search.candidate(tree, search.grid[0])
     assert search.grid == [("client.lr=0.001",)] and search.key == "logit_adjust+adamw"
     assert (cfg.client.optimizer, cfg.client.lr, cfg.client.objective) == ("adamw", 0.001, "logit_adjust")
 
 
-def test_a_search_with_one_candidate_runs_at_the_last_rung_and_longer_runs_start_first(monkeypatch, tmp_path):
-    from fedgap.diagnose import tuning
-
+def test_a_search_with_one_candidate_runs_at_the_last_rung_and_longer_runs_start_first():
     tree = V.base_tree(V.PRESETS["quick"], None, [])
     naive = V.config_from_dict(tree)
     searches = [s for s in V.searches(naive, tree, V.PRESETS["quick"])[0] if s.remedy.key in ("feddyn", "fedbn")]
-    run_all, calls = fake_runs(lambda c: 0.9 - abs(c.objective.feddyn.alpha - 0.01))
-    monkeypatch.setattr(tuning, "run_all", run_all)
-    results, _ = tuning.successive_halving(searches, tree, (9, 30), 3, tmp_path, rounds=30, jobs=1,
-                                           show_progress=False, title="t")
+    run, calls = fake_runs(lambda c: 0.9 - abs(c.objective.feddyn.alpha - 0.01))
+    results = successive_halving(searches, SearchContext(tree, (9, 30), 3, 30, run)).results
     # FedBN (nothing to tune) first trains at the last rung, before FedDyn's best continues from round 9
     assert calls == [[(f"feddyn-{i}", 9) for i in range(4)], [("fedbn-0", 30), ("feddyn-2", 30)]]
     assert results["fedbn"].rounds_trained == 30 and results["feddyn"].best.point == ("objective.feddyn.alpha=0.01",)
     assert sum(r.rounds_trained for r in results.values()) == \
-        tuning.budget_rounds(searches, (9, 30), 3, 30) == 30 + 4 * 9 + 21
+        budget_rounds(searches, (9, 30), 3, 30) == 30 + 4 * 9 + 21
 
 
-def test_forward_selection_adds_a_cause_only_while_validation_rises(monkeypatch, tmp_path):
+def test_the_first_rung_carries_the_baselines_and_hands_their_records_back():
+    tree = V.base_tree(V.PRESETS["quick"], None, [])
+    naive = V.config_from_dict(tree)
+    search = next(s for s in V.searches(naive, tree, V.PRESETS["quick"])[0] if s.remedy.key == "feddyn")
+    run, calls = fake_runs(lambda c: 0.5)
+    baseline = RunSpec("naive-s0", naive)
+    halving = successive_halving([search], SearchContext(tree, (9, 30), 3, 30, run), also=[baseline])
+    assert calls[0][0] == ("naive-s0", 30) and [r.spec for r in halving.also] == [baseline]
+    assert len(calls) == 2 and all(name != "naive-s0" for name, _ in calls[1])
+
+
+def test_forward_selection_adds_a_cause_only_while_validation_rises():
     def score(cfg):  # FedBN adds 2 pp to logit adjustment; FedAdam costs 1 pp whatever it joins
         return 0.90 + 0.02 * (cfg.model.norm_policy == "local") - 0.01 * (cfg.server.optimizer == "adam")
 
-    tried, notes, _, calls, scores, _ = forward_selection(monkeypatch, tmp_path, score)
-    assert [v.key for v in tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
-    assert scores["logit_adjust+fedbn"] == pytest.approx(0.92) and "stopped" in notes[0]
+    sel, _ = forward_selection(score)
+    assert [v.key for v in sel.tried] == ["logit_adjust+fedbn", "logit_adjust+fedadam", "logit_adjust+fedbn+fedadam"]
+    assert sel.score("logit_adjust+fedbn") == pytest.approx(0.92) and "stopped" in sel.notes[0]
 
 
 # ----------------------------------------------------------------------------------------- gap arithmetic
@@ -498,11 +500,11 @@ def test_progress_is_drained_without_a_display_so_workers_can_exit():
     the pipe, and the workers' queue feeders blocked their exit. Now the display drains it in every mode."""
     import multiprocessing as mp
 
-    from fedgap.diagnose.pool import _Display
+    from fedgap.runs.display import Display
 
     ctx = mp.get_context("fork")  # spawn would leave a resource-tracker child that other tests count as a leak
     q = ctx.Queue()
-    display = _Display("t", total=1, done=0, enabled=False)
+    display = Display("t", total=1, done=0, enabled=False)
     display.follow(q)
     worker = ctx.Process(target=_flood, args=(q, 5000))  # ~500 KB of messages, far more than a pipe holds
     worker.start()

@@ -255,15 +255,16 @@ def test_vectorized_gives_the_sequential_final_model(tiny_idx, float64_runs, ext
     vec = experiment(tiny_idx, *extra, "engine.name=vectorized")
     sizes = {len(seq.parts[c]) for c in range(10)}
     assert len(sizes) > 3  # unequal clients
-    floats = [k for k, v in seq.state.items() if v.is_floating_point()]
-    assert all(seq.state[k].dtype == torch.float64 for k in floats)
-    assert_close_states({k: seq.state[k] for k in floats}, {k: vec.state[k] for k in floats}, 1e-9, 1e-9)
-    assert all(torch.equal(seq.state[k], vec.state[k]) for k in seq.state if k not in floats)
-    assert (seq.average is None) == (vec.average is None)
-    if seq.average is not None:
-        assert_close_states({k: seq.average[k] for k in floats}, {k: vec.average[k] for k in floats}, 1e-9, 1e-9)
-    assert seq.client_store.keys() == vec.client_store.keys()
-    assert_close_states(seq.objective_state, vec.objective_state, 1e-9, 1e-9)
+    floats = [k for k, v in seq.server.model.items() if v.is_floating_point()]
+    assert all(seq.server.model[k].dtype == torch.float64 for k in floats)
+    assert_close_states({k: seq.server.model[k] for k in floats}, {k: vec.server.model[k] for k in floats}, 1e-9, 1e-9)
+    assert all(torch.equal(seq.server.model[k], vec.server.model[k]) for k in seq.server.model if k not in floats)
+    assert (seq.server.average is None) == (vec.server.average is None)
+    if seq.server.average is not None:
+        assert_close_states({k: seq.server.average[k] for k in floats}, {k: vec.server.average[k] for k in floats},
+                            1e-9, 1e-9)
+    assert seq.server.clients.keys() == vec.server.clients.keys()
+    assert_close_states(seq.server.objective, vec.server.objective, 1e-9, 1e-9)
     for a, b in zip(seq.rows, vec.rows, strict=True):
         assert (a["round"], a["samples"], a["clients"]) == (b["round"], b["samples"], b["clients"])
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
@@ -278,16 +279,17 @@ def test_resume_with_vectorized_equals_uninterrupted(tmp_path, tiny_idx):
     drop = ("seconds", "train_seconds")
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.rows] == \
         [{k: v for k, v in r.items() if k not in drop} for r in straight.rows]
-    for name in ("state", "objective_state"):
-        a, b = getattr(resumed, name), getattr(straight, name)
+    for name in ("model", "objective"):
+        a, b = getattr(resumed.server, name), getattr(straight.server, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_cohorts_smaller_than_the_round_give_the_same_model(tiny_idx):
     whole = experiment(tiny_idx, "engine.name=vectorized", "server.rounds=1")
     split = experiment(tiny_idx, "engine.name=vectorized", "server.rounds=1", "engine.cohort_size=3")
-    floats = [k for k, v in whole.state.items() if v.is_floating_point()]
-    assert_close_states({k: whole.state[k] for k in floats}, {k: split.state[k] for k in floats}, 1e-5, 1e-6)
+    floats = [k for k, v in whole.server.model.items() if v.is_floating_point()]
+    assert_close_states({k: whole.server.model[k] for k in floats}, {k: split.server.model[k] for k in floats},
+                        1e-5, 1e-6)
 
 
 def test_failing_clients_are_dropped_like_sequential(tiny_idx):
@@ -300,7 +302,7 @@ def test_failing_clients_are_dropped_like_sequential(tiny_idx):
     exps = [experiment(tiny_idx, *extra, f"engine.name={name}") for name in ("sequential", "vectorized")]
     outputs = []
     for exp in exps:
-        ctx = RoundContext(1, exp.state)
+        ctx = RoundContext(1, exp.server.model)
         tasks = [ClientTask(int(c), exp.parts[c]) for c in sampled]
         with exp.engine:
             outputs.append(exp.engine.train(ctx, tasks))
@@ -327,4 +329,4 @@ def test_an_unsupported_layer_is_a_one_line_config_error():
 def test_device_is_honoured_and_results_come_back_on_cpu(tiny_idx):
     exp = experiment(tiny_idx, "engine.name=vectorized", "engine.device=cpu", "server.rounds=1")
     assert exp.engine.device == CPU
-    assert all(v.device == CPU for v in exp.state.values())
+    assert all(v.device == CPU for v in exp.server.model.values())

@@ -4,9 +4,10 @@ experiment: run in Flower's simulation engine, it gives the same per-round numbe
 
 Tolerance, derived: both runs execute the same float operations in the same order. The clients are the same
 (the strategy trains exactly ``sample_clients(seed, round, ...)``), each client runs ``local_update`` with the
-same seeds on the same rows, states travel as float32 arrays (exact), and the server aggregates with the loop's
-own ``Experiment._aggregate`` in client-id order. With one intra-op thread on both sides (``engine.threads=1``:
-fedgap's sequential engine and Flower's Ray actors alike) every kernel reduces in the same order, so the
+same seeds on the same rows, states travel as float32 arrays (exact), and the server closes each round with the
+loop's own public round API (``Experiment.finish_round``: aggregation in client-id order). With one intra-op
+thread on both sides (``engine.threads=1``: fedgap's sequential engine and Flower's Ray actors alike) every kernel
+reduces in the same order, so the
 difference is zero: the test asserts bit-for-bit equal states and equal metrics. With more threads on one side
 parallel reductions add in another order (about 1e-7 relative per operation, < 1e-3 absolute after three rounds
 here, see tests/test_ray_engine.py), which can move a test accuracy by a prediction or two.
@@ -28,7 +29,7 @@ from fedgap.data.datasets import load_dataset
 from fedgap.data.partition import partition_for
 from fedgap.experiment.outputs import read_metrics
 from fedgap.export.flower import PACKAGE, load_partition
-from fedgap.fl.averaging import as_model
+from fedgap.fl.aggregate import ServerState
 
 
 def tiny(root: str, *extra: str) -> list[str]:
@@ -140,7 +141,7 @@ def test_exported_app_in_flower_simulation_is_the_same_experiment(tiny_idx, tmp_
         flower_state = torch.load(apps[name] / "flower-run" / "model.pt")
         ckpt = torch.load(tmp_path / f"{name}-fedgap" / "checkpoint.pt", weights_only=True)
         # model.pt is the model fedgap evaluates: the running average under server.average
-        fedgap_state = ckpt["state"] if ckpt["average"] is None else as_model(ckpt["average"], ckpt["state"])
+        fedgap_state = ServerState.from_dict(ckpt["server"]).evaluated()
         assert flower_state.keys() == fedgap_state.keys()
         for key, value in fedgap_state.items():
             assert torch.equal(flower_state[key], value), (name, key)  # bit for bit

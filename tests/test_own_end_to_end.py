@@ -40,7 +40,7 @@ def test_run_own_model_with_groupnorm(tmp_path, own_data_args, own_model):
     assert summary["rounds_completed"] == 2 and 0 <= summary["final_test_accuracy"] <= 1
     resolved = load_config(out / "config.yaml")
     assert (resolved.model.name, resolved.model.norm) == (own_model, "group")
-    state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["server"]["model"]
     assert not any(k.endswith("running_mean") for k in state)  # the BatchNorm layers were replaced
     assert state["body.1.weight"].shape == (8,)  # by GroupNorm(4, 8): the channels are kept
 
@@ -68,10 +68,10 @@ def quiet_run(args):
 def test_every_normalization_remedy_runs_on_the_own_model(own_npz, own_model, remedy):
     exp, summary = quiet_run(npz_args(own_npz, own_model, *remedy.overrides, "model.groups=4"))
     assert summary["rounds_completed"] == 2 and summary["final_test_accuracy"] is not None
-    has_bn = any(k.endswith("running_mean") for k in exp.state)
+    has_bn = any(k.endswith("running_mean") for k in exp.server.model)
     assert has_bn == (exp.cfg.model.norm == "batch")
     if remedy.key == "fedbn":
-        assert exp.client_store  # clients keep their own BatchNorm layers
+        assert exp.server.clients  # clients keep their own BatchNorm layers
 
 
 @pytest.mark.parametrize("engine", ["vectorized", "parallel"])
@@ -79,9 +79,9 @@ def test_engines_agree_on_the_own_model(own_folder, own_model, engine):
     base = folder_args(own_folder, own_model, "client.augment=true", "client.batch_size=8")
     seq, _ = quiet_run(base)
     other, _ = quiet_run([*base, f"engine.name={engine}", "engine.workers=1", "engine.start_method=spawn"])
-    for k, v in seq.state.items():
+    for k, v in seq.server.model.items():
         if v.is_floating_point():
-            assert torch.allclose(v, other.state[k], rtol=1e-3, atol=3e-4), k
+            assert torch.allclose(v, other.server.model[k], rtol=1e-3, atol=3e-4), k
 
 
 BAD_FACTORY = """

@@ -82,11 +82,11 @@ def bad_file(tmp_path_factory):
 @pytest.mark.parametrize(("target", "message"), [
     ("no_such_pkg.models:make", "model.name: no module named 'no_such_pkg.models'"),
     ("{dir}/missing.py:make", "model.name: file '{dir}/missing.py' not found"),
-    ("{file}:nothing", "model.name: '{file}' has no function 'nothing'"),
-    ("{file}:NOT_CALLABLE", "model.name: 'NOT_CALLABLE' in '{file}' is not callable"),
     ("fedgap.models:", "is not 'package.module:factory' or 'path/to/file.py:factory'"),
 ])
 def test_bad_model_paths_fail_in_config_validation(bad_file, target, message):
+    """What config validation can tell without importing anything: the path's form, a missing file or package
+    (the rest, in ``test_bad_factories_fail_when_built``, fails where the model is built, before any output)."""
     directory = bad_file.rsplit("/", 1)[0]
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[f"model.name={target.format(dir=directory, file=bad_file)}"])
@@ -94,6 +94,8 @@ def test_bad_model_paths_fail_in_config_validation(bad_file, target, message):
 
 
 @pytest.mark.parametrize(("factory", "message"), [
+    ("nothing", "model.name: '{file}' has no function 'nothing'"),
+    ("NOT_CALLABLE", "model.name: 'NOT_CALLABLE' in '{file}' is not callable"),
     ("raises", "raised RuntimeError: no weights here"),
     ("wrong_shape", "gives output (2, 4) for a batch of 2 images, expected logits (2, 3)"),
     ("not_a_module", "returned int, not a torch.nn.Module"),
@@ -103,7 +105,7 @@ def test_bad_factories_fail_when_built(bad_file, factory, message):
     cfg = model_cfg(f"model.name={bad_file}:{factory}")
     with pytest.raises(ConfigError) as err:
         build_model(cfg, RGB16, 3)
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert message.format(file=bad_file) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_builtin_options_and_kwargs_do_not_mix(own_model):

@@ -156,16 +156,17 @@ SAME_MODEL = ["server.algorithm=fedavg", "server.algorithm=scaffold", "server.al
 def test_same_model_as_the_sequential_engine(tiny_idx, setting):
     on_ray = run(tiny_idx, "engine.name=ray", setting)
     alone = sequential_1t(tiny_idx, setting)
-    assert_same_state(on_ray.state, alone.state)  # bit for bit
+    assert_same_state(on_ray.server.model, alone.server.model)  # bit for bit
     assert_same_rows(on_ray.rows, alone.rows)
     # per-client state went through the tasks and came back: SCAFFOLD's c_i, FedBN's norm layers
-    assert on_ray.client_store.keys() == alone.client_store.keys()
-    for cid, own in alone.client_store.items():
+    assert on_ray.server.clients.keys() == alone.server.clients.keys()
+    for cid, own in alone.server.clients.items():
         for part, state in own.items():
-            assert_same_state(on_ray.client_store[cid][part], state)
-    assert_same_state(on_ray.objective_state, alone.objective_state)  # SCAFFOLD's server c
+            assert_same_state(on_ray.server.clients[cid][part], state)
+    assert_same_state(on_ray.server.objective, alone.server.objective)  # SCAFFOLD's server c
     if setting == "server.algorithm=fedavg":  # the default sequential engine (2 threads) reduces in another order
-        assert_same_state(on_ray.state, run(tiny_idx, "engine.name=sequential").state, atol=TWO_THREAD_ATOL)
+        assert_same_state(on_ray.server.model, run(tiny_idx, "engine.name=sequential").server.model,
+                          atol=TWO_THREAD_ATOL)
 
 
 def test_results_sorted_largest_first_and_split_evaluation(tiny_idx):
@@ -177,12 +178,12 @@ def test_results_sorted_largest_first_and_split_evaluation(tiny_idx):
         started = ray.get([a.start.remote(engine._spec) for a in engine._actors])
         assert [threads for _, threads in started] == [1, 1]  # one intra-op thread per reserved CPU
         pids = sorted(pid for pid, _ in started)
-        output = engine.train(RoundContext(1, exp.state), tasks)
+        output = engine.train(RoundContext(1, exp.server.model), tasks)
         assert [r.client_id for r in output.results] == list(range(6)) and not output.failures
         assert [r.num_samples for r in output.results] == [len(p) for p in exp.parts]
         for train_mode in (False, True):  # split over the two actors in slices aligned to eval.batch_size
-            split = engine.evaluate_test(exp.state, train_mode=train_mode)
-            here = engine.local.evaluate_test_rows(exp.state, 0, 200, train_mode=train_mode)
+            split = engine.evaluate_test(exp.server.model, train_mode=train_mode)
+            here = engine.local.evaluate_test_rows(exp.server.model, 0, 200, train_mode=train_mode)
             assert (split.count, split.accuracy) == (here.count, here.accuracy)
             assert split.loss == pytest.approx(here.loss, rel=1e-6)
     assert ray.is_initialized() and engine._actors == []  # the borrowed Ray keeps running
@@ -198,14 +199,14 @@ def test_a_raising_client_is_retried_then_dropped_and_the_run_goes_on(tiny_idx):
     assert [r["clients"] for r in on_ray.rows] == [3, 4, 4]
     assert on_ray.engine.retries == 2 and on_ray.engine.worker_deaths == 0
     # the survivors are aggregated exactly as the sequential engine aggregates them (it drops without retrying)
-    assert_same_state(on_ray.state, sequential_1t(tiny_idx, fail).state)
+    assert_same_state(on_ray.server.model, sequential_1t(tiny_idx, fail).server.model)
 
 
 def test_a_killed_workers_client_is_retried_and_the_result_is_unchanged(tiny_idx):
     on_ray = run(tiny_idx, "engine.name=ray", "engine.max_retries=1", f"engine.crash_clients=[{ONLY_IN_ROUND_1}]")
     assert on_ray.engine.worker_deaths == 1 and on_ray.engine.retries == 1
     assert [r["clients_failed"] for r in on_ray.rows] == [0, 0, 0]
-    assert_same_state(on_ray.state, sequential_1t(tiny_idx).state)  # as if nothing had happened
+    assert_same_state(on_ray.server.model, sequential_1t(tiny_idx).server.model)  # as if nothing had happened
 
 
 def test_too_few_survivors_stop_with_exit_code_3_and_resume_finishes_the_run(tiny_idx, tmp_path, capsys):
@@ -223,7 +224,7 @@ def test_too_few_survivors_stop_with_exit_code_3_and_resume_finishes_the_run(tin
     assert code == 0, err
     done = torch.load(out / "checkpoint.pt", weights_only=True)
     alone = sequential_1t(tiny_idx, "server.min_clients=4")
-    assert_same_state(done["state"], alone.state)
+    assert_same_state(done["server"]["model"], alone.server.model)
     assert_same_rows(done["rows"], alone.rows)
 
 
@@ -292,5 +293,5 @@ def test_cli_run_on_a_private_local_ray_killed_and_resumed(tiny_idx, tmp_path):
     assert not foreign_ray_processes() - before  # close() shut the private Ray down
     done = torch.load(out / "checkpoint.pt", weights_only=True)
     alone = sequential_1t(tiny_idx, "server.rounds=4")
-    assert_same_state(done["state"], alone.state)
+    assert_same_state(done["server"]["model"], alone.server.model)
     assert_same_rows(done["rows"], alone.rows)

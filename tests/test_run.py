@@ -22,7 +22,7 @@ def numbers(metrics_path):
 
 
 def final_state(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["server"]["model"]
 
 
 def assert_same_state(a, b):

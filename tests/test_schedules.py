@@ -42,11 +42,11 @@ def test_a_scaled_round_is_the_step_at_the_scaled_lr(tiny_idx):
     exp = Experiment(cfg, None, show_progress=False)
     task = ClientTask(0, exp.parts[0])
     x, y = exp.data.train_x, exp.data.train_y
-    scaled = local_update(exp.engine.model, x, y, RoundContext(2, exp.state, lr_scale=0.5), task, exp.hp)
+    scaled = local_update(exp.engine.model, x, y, RoundContext(2, exp.server.model, lr_scale=0.5), task, exp.hp)
     half = ClientHParams.from_config(load_config(overrides=[*tiny_args(tiny_idx), "client.lr=0.05"]),
                                      exp.hp.norm_keys, exp.hp.num_classes)
-    plain = local_update(exp.engine.model, x, y, RoundContext(2, exp.state), task, half)
-    full = local_update(exp.engine.model, x, y, RoundContext(2, exp.state), task, exp.hp)
+    plain = local_update(exp.engine.model, x, y, RoundContext(2, exp.server.model), task, half)
+    full = local_update(exp.engine.model, x, y, RoundContext(2, exp.server.model), task, exp.hp)
     assert all(torch.equal(scaled.state[k], plain.state[k]) for k in plain.state)
     assert any(not torch.equal(scaled.state[k], full.state[k]) for k in full.state)
 

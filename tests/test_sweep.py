@@ -7,8 +7,8 @@ import os
 import pytest
 
 from conftest import cli, tiny_args
-from fedgap.diagnose.sweep import grid, split_values
 from fedgap.experiment.outputs import read_metrics
+from fedgap.runs.sweep import grid, split_values
 
 
 def test_commas_inside_brackets_stay_in_one_value():

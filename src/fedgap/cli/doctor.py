@@ -87,7 +87,8 @@ def doctor(args, preset, seeds, out, jobs, target, remedies, quiet):
 
 
 def gap_table(res) -> Table:
-    from fedgap.diagnose.gap import LATE_EVALS, fmt_pct, status
+    from fedgap.diagnose.gap import fmt_pct, status
+    from fedgap.runs.scores import LATE_EVALS
 
     table = Table(title=f"fedgap doctor ({res.preset.name}): gap to centralized training, ranked",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)

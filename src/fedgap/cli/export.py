@@ -34,8 +34,10 @@ def flower(args, out, name):
     """
     from fedgap.cli.console import err_console, load
     from fedgap.export.flower import export_flower
+    from fedgap.preflight import check_inputs
 
     cfg = load(args)
+    check_inputs(cfg)  # the data set loads and the model builds, before --out is touched
     export_flower(cfg, out, name=name)
     err_console.print(f"Flower app written to {out}: {cfg.data.num_clients} SuperNodes (partition-id 0.."
                       f"{cfg.data.num_clients - 1}), {cfg.server.rounds} rounds; see {out / 'README.md'}",

@@ -1,4 +1,4 @@
-"""``fedgap sweep``: parse, run the grid (``fedgap.diagnose.sweep``), print the table, draw the curves."""
+"""``fedgap sweep``: parse, run the grid (``fedgap.runs.sweep``), print the table, draw the curves."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import click
 from rich.table import Table
 
 from fedgap.cli.console import err_console, out_console, split_config_args
-from fedgap.diagnose.gap import LATE_EVALS, fmt_pct
+from fedgap.diagnose.gap import fmt_pct
+from fedgap.runs.scores import LATE_EVALS
 
 
 @click.command(epilog="Values separated by commas make a grid axis; a single value is a plain override.")
@@ -19,8 +20,8 @@ from fedgap.diagnose.gap import LATE_EVALS, fmt_pct
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def sweep(args, out, jobs, quiet):
     """Run a grid of experiments (cached and resumable like the doctor) and compare them."""
-    from fedgap.diagnose.sweep import ranked_by_validation, run_sweep
     from fedgap.report.plots import save, sweep_figure
+    from fedgap.runs.sweep import ranked_by_validation, run_sweep
 
     def plot(folder: Path, runs) -> None:
         curves = [(spec.name, [(r["round"], r["test_accuracy"]) for r in rec.rows

@@ -1,1 +1,1 @@
-"""The doctor: measure the federated-centralized gap, explain it, rank the remedies; and sweeps."""
+"""The doctor: measure the federated-centralized gap, explain it, tune and combine the remedies, recommend."""

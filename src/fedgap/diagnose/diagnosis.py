@@ -12,12 +12,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fedgap.diagnose.gap import LATE_EVALS, GapRow, evaluation_noise_pp
-from fedgap.diagnose.pool import RunRecord
-from fedgap.diagnose.tuning import validation_score
+from fedgap.diagnose.gap import GapRow, evaluation_noise_pp
 from fedgap.diagnose.variants import CAUSES
+from fedgap.runs.records import RunRecord
+from fedgap.runs.scores import LATE_EVALS, evaluated, late_mean, validation_score
 
-LAST = 3  # evaluations averaged for the naive run's diagnostics
 ONE_SEED_NOISE_PP = 1.0  # assumed resolution with a single seed (say so in the text)
 
 
@@ -31,25 +30,14 @@ class Finding:
         return asdict(self)
 
 
-def late_mean(records: list[RunRecord], key: str) -> float | None:
-    """Mean over seeds of the mean over the last LAST evaluated values of ``key``."""
-    per_seed = []
-    for rec in records:
-        values = [float(r[key]) for r in rec.rows if r.get(key) is not None]
-        if values:
-            per_seed.append(float(np.mean(values[-LAST:])))
+def seeds_late_mean(records: list[RunRecord], key: str) -> float | None:
+    """Mean over seeds of the late mean (last LATE_EVALS evaluated values) of ``key``."""
+    per_seed = [m for m in (late_mean(evaluated(rec, key)) for rec in records) if m is not None]
     return float(np.mean(per_seed)) if per_seed else None
 
 
 def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
-
-
-def selection_score(r: GapRow) -> float:
-    """What the doctor compares variants by: validation accuracy (test accuracy only where runs have no
-    validation split, e.g. reports of older runs)."""
-    v = r.final_val_accuracy if r.final_val_accuracy is not None else r.final_test_accuracy
-    return -1.0 if v is None else v
 
 
 def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_recs: list[RunRecord],
@@ -78,11 +66,12 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
             f"The naive gap ({gap:.2f} pp) is within the noise ({tie:.2f} pp): there is little to fix in this "
             f"setting."), "caveat"))
 
-    train_mode = late_mean(naive_recs, "train_mode_accuracy")
-    eval_mode = late_mean(naive_recs, "test_accuracy")
+    train_mode = seeds_late_mean(naive_recs, "train_mode_accuracy")
+    eval_mode = seeds_late_mean(naive_recs, "test_accuracy")
     if train_mode is not None and eval_mode is not None:
         diff = 100 * (train_mode - eval_mode)
-        running, spread = late_mean(naive_recs, "bn_running_error"), late_mean(naive_recs, "bn_client_spread")
+        running = seeds_late_mean(naive_recs, "bn_running_error")
+        spread = seeds_late_mean(naive_recs, "bn_client_spread")
         split = ""
         if running is not None and spread is not None:
             split = (f" Their distance to the clients' statistics splits into {running:.3f} between the running "
@@ -90,24 +79,24 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
                      f"between single clients and the pool (label skew), in standard deviations.")
         if diff > tie:
             text = (f"Normalizing each test batch by its own statistics, the naive global model scores "
-                    f"{pct(train_mode)} instead of {pct(eval_mode)} (+{diff:.2f} pp, last {LAST} evaluations): "
+                    f"{pct(train_mode)} instead of {pct(eval_mode)} (+{diff:.2f} pp, last {LATE_EVALS} evaluations): "
                     f"its weights are better than its BatchNorm running statistics.{split}")
             out.append(Finding("BatchNorm statistics are wrong", text, "cause"))
         else:
             text = (f"With test-batch statistics the naive global model scores {pct(train_mode)} against "
                     f"{pct(eval_mode)} with its running statistics ({diff:+.2f} pp, within {tie:.2f} pp; means of "
-                    f"the last {LAST} evaluations): the running statistics are not what holds it back.{split}")
+                    f"the last {LATE_EVALS} evaluations): the running statistics are not what holds it back.{split}")
             out.append(Finding("BatchNorm statistics are fine", text, "info"))
 
-    drift = late_mean(naive_recs, "client_drift")
-    cosine = late_mean(naive_recs, "update_cosine")
+    drift = seeds_late_mean(naive_recs, "client_drift")
+    cosine = seeds_late_mean(naive_recs, "update_cosine")
     if drift is not None:
         agree = "more than they agree" if drift > 1 else "less than they agree"
         out.append(Finding("Client drift", (
             f"The clients' updates spread {drift:.2f} times the length of their mean update around it (mean cosine "
             f"to the mean {cosine:.2f}): the clients disagree {agree}."), "info"))
 
-    acc_std, acc_min, acc_max = (late_mean(naive_recs, k) for k in ("client_acc_std", "client_acc_min",
+    acc_std, acc_min, acc_max = (seeds_late_mean(naive_recs, k) for k in ("client_acc_std", "client_acc_min",
                                                                       "client_acc_max"))
     hetero = (f"The partition gives each client {partition['classes_per_client_mean']:.1f} labels on average; the "
               f"mean total-variation distance between a client's label mix and the global one is "
@@ -136,14 +125,14 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
 
 def _classifier_bias(naive_recs: list[RunRecord]) -> Finding | None:
     """Whether the classifier drifts toward the classes of each round's clients (the label-skew cause)."""
-    lean = late_mean(naive_recs, "prediction_lean")
-    low, high = late_mean(naive_recs, "class_recall_min"), late_mean(naive_recs, "class_recall_max")
+    lean = seeds_late_mean(naive_recs, "prediction_lean")
+    low, high = seeds_late_mean(naive_recs, "class_recall_min"), seeds_late_mean(naive_recs, "class_recall_max")
     if lean is None or low is None:
         return None
     more = f"{100 * lean:.1f}% more" if lean >= 0 else f"{-100 * lean:.1f}% less"
     text = (f"The naive global model's per-class recall ranges from {pct(low)} to {pct(high)}, and its predictions "
             f"put {more} weight on the label mix of the last round's clients than the true test labels do (means "
-            f"of the last {LAST} evaluations).")
+            f"of the last {LATE_EVALS} evaluations).")
     if lean > 0.05 or high - low > 0.2:
         return Finding("The classifier leans toward each round's clients", text + (
             " After a round the model predicts what the round's few clients held: the classifier drifts with "
@@ -208,7 +197,7 @@ def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float,
         return out
     best_by_cause = {}  # the best remedy of each cause as the doctor selects: by validation accuracy
     for r in remedies:
-        if r.cause not in best_by_cause or selection_score(r) > selection_score(best_by_cause[r.cause]):
+        if r.cause not in best_by_cause or r.selection_score() > best_by_cause[r.cause].selection_score():
             best_by_cause[r.cause] = r
     parts = []
     for cause in CAUSES:
@@ -236,7 +225,7 @@ def _remedy_findings(rows: list[GapRow], naive: GapRow, gap: float, tie: float,
 
     everything = [r for r in rows if r.variant not in ("central", "naive") and r.final_test_accuracy is not None]
     best = next((r for r in everything if r.variant == recommended), None) or \
-        max(everything, key=selection_score)
+        max(everything, key=GapRow.selection_score)
     text = (f"{best.label}: {pct(best.final_test_accuracy)} on the test set, {best.gap_pp:.2f} pp below centralized "
             f"training, {100 * (best.gap_closed or 0):.0f}% of the naive gap closed; chosen as the highest validation "
             f"accuracy ({pct(best.final_val_accuracy or 0)}) of every variant, never by its test accuracy.")
@@ -262,9 +251,9 @@ def _combination_finding(rows: list[GapRow], remedies: list[GapRow], tie: float)
     combos = [r for r in rows if r.cause == "combined" and r.final_test_accuracy is not None]
     if not combos or not remedies:
         return None
-    combined = max(combos, key=selection_score)
-    single = max(remedies, key=selection_score)
-    diff = 100 * (selection_score(combined) - selection_score(single))  # the verdict is a choice: validation
+    combined = max(combos, key=GapRow.selection_score)
+    single = max(remedies, key=GapRow.selection_score)
+    diff = 100 * (combined.selection_score() - single.selection_score())  # the verdict is a choice: validation
     test_diff = 100 * (combined.final_test_accuracy - single.final_test_accuracy)
     if diff > tie:
         verdict, kind = "the gains add up", "remedy"

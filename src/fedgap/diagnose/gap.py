@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fedgap.diagnose.pool import RunRecord
+from fedgap.runs.records import RunRecord
+from fedgap.runs.scores import first_round_at, late_accuracy
 
 
 @dataclass
@@ -54,25 +55,11 @@ class GapRow:
     def as_dict(self) -> dict:
         return asdict(self)
 
-
-LATE_EVALS = 3
-
-
-def accuracies(record: RunRecord) -> list[tuple[int, float]]:
-    return [(int(r["round"]), float(r["test_accuracy"])) for r in record.rows if r.get("test_accuracy") is not None]
-
-
-def late_accuracy(record: RunRecord, key: str = "test_accuracy") -> tuple[float | None, float | None]:
-    """(mean, standard error) of the last LATE_EVALS evaluated accuracies; (None, None) without any."""
-    tail = [float(r[key]) for r in record.rows if r.get(key) is not None][-LATE_EVALS:]
-    if not tail:
-        return None, None
-    sem = float(np.std(tail, ddof=1) / math.sqrt(len(tail))) if len(tail) > 1 else None
-    return float(np.mean(tail)), sem
-
-
-def first_round_at(record: RunRecord, target: float) -> int | None:
-    return next((rnd for rnd, acc in accuracies(record) if acc >= target - 1e-12), None)
+    def selection_score(self) -> float:
+        """What variants are compared by: validation accuracy (test accuracy only where runs have no validation
+        split, e.g. reports of older runs); -1 for a variant without either."""
+        v = self.final_val_accuracy if self.final_val_accuracy is not None else self.final_test_accuracy
+        return -1.0 if v is None else v
 
 
 def accuracy_at_samples(central: RunRecord, samples: float) -> float | None:
@@ -148,11 +135,7 @@ def gap_rows(variants: list, records: dict[str, list[RunRecord]], central_key: s
         if row.variant == central_key or row.gap_pp is None or naive.gap_pp is None or naive.gap_pp <= 0:
             continue
         row.gap_closed = (naive.gap_pp - row.gap_pp) / naive.gap_pp
-    def rank(r: GapRow) -> tuple:
-        score = r.final_val_accuracy if r.final_val_accuracy is not None else r.final_test_accuracy
-        return (r.final_test_accuracy is None, -(score if score is not None else 0))
-
-    return sorted(rows, key=rank)
+    return sorted(rows, key=lambda r: (r.final_test_accuracy is None, -r.selection_score()))
 
 
 def status(row: GapRow) -> str:

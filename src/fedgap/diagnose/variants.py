@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from fedgap.config import Config, config_from_dict, config_to_dict, merge, parse_overrides, read_yaml
+from fedgap.config import Config, config_from_dict, config_to_dict, merge, parse_overrides, read_yaml, results_hash
 from fedgap.fl.objectives import objective_spec
 
 # cause groups, in the order the report lists them
@@ -244,8 +244,6 @@ class Search:
 def searches(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[list[Search], list[str]]:
     """Each remedy of the preset with its search space, skipping those that do not apply or equal the naive
     run. Returns the searches and one line per skipped remedy (said in the report)."""
-    from fedgap.config import results_hash
-
     naive_hash = results_hash(naive)
     out, skipped = [], []
     for key in preset.remedies:
@@ -263,19 +261,19 @@ def searches(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[list[Sear
     return out, skipped
 
 
-def added_search(tree: dict, current: Variant, added: Variant, naive: Config, retune: bool = True) -> Search:
+def added_search(current: Variant, added: Variant, naive: Config, retune: bool = True) -> Search:
     """The search for the tuned remedy ``added`` joined to the set ``current``: with ``retune``, its own
     hyper-parameters tuned again on top (a server lr tuned under plain cross-entropy need not suit logit
     adjustment); without, one candidate at the values it was tuned to alone. The set's client lr stays, unless
     the remedy's own knobs hold the client lr (AdamW: another optimizer)."""
     remedy = REMEDY_BY_KEY[added.key]
-    alone = Variant(remedy.key, remedy.label, remedy.cause, None, remedy_overrides(naive, remedy))  # no cfg needed
-    base = combined(tree, [current, alone])
+    overrides = join_overrides([current.overrides, remedy_overrides(naive, remedy)])
+    name = f"{current.key}+{remedy.key}"
     if retune:
-        return Search(remedy, base.overrides, remedy.knobs, grid(remedy.knobs), name=base.key)
+        return Search(remedy, overrides, remedy.knobs, grid(remedy.knobs), name=name)
     own = {k.key for k in remedy.knobs}
     kept = tuple(o for o in added.overrides if o.split("=", 1)[0] in own)  # applied last, as a tuned point is
-    return Search(remedy, base.overrides, (), [kept], name=base.key)
+    return Search(remedy, overrides, (), [kept], name=name)
 
 
 def combined(tree: dict, parts: list[Variant]) -> Variant:

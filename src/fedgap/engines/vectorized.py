@@ -39,13 +39,13 @@ from fedgap.fl.client import (
     ClientTask,
     RoundContext,
     client_objective,
+    client_result,
     epoch_orders,
     label_counts,
     own_states,
     raise_if_injected,
     start_state,
 )
-from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.objectives import ClientSetup
 from fedgap.models import build_model
 from fedgap.runtime import tune_allocator
@@ -168,15 +168,9 @@ def train_cohort(cm: CohortModel, x: torch.Tensor, y: torch.Tensor, ctx: RoundCo
     seconds = (time.perf_counter() - t0) / max(k_all, 1)  # the cohort's time, shared out
     results = []
     for k, task in enumerate(tasks):
-        n = len(task.indices)
         final = {name: stacked[name][k].detach().clone().cpu() for name in cm.state_names}
         new_own, upload = outcome.client(k)
-        upload = {name: v.to("cpu", copy=True) for name, v in upload.items()}  # copies: not views of the stack
-        own = {"objective": {name: v.to("cpu", copy=True) for name, v in new_own.items()}} if new_own else {}
-        own.update(norm_policy(hp.norm_policy).client_keeps(final, hp.norm_keys))
-        samples = n * hp.epochs
-        results.append(ClientResult(
-            client_id=task.client_id, num_samples=n, state=final, train_loss=float(loss_sum[k]) / max(samples, 1),
-            samples=samples, steps=steps[k], own=own, upload=upload, seconds=seconds,
-        ))
+        cpu = lambda state: {name: v.to("cpu", copy=True) for name, v in state.items()}  # noqa: E731 (not views)
+        results.append(client_result(task, hp, final, float(loss_sum[k]), steps[k], cpu(new_own), cpu(upload),
+                                     seconds))
     return results

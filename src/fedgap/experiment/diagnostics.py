@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgap.fl.evaluate import fixed_shape_batches, label_matched_subset
+from fedgap.callbacks import RoundCallback
+from fedgap.fl.evaluate import fixed_shape_batches, label_matched_accuracy
 from fedgap.fl.normpolicy import Moments, input_moments, sum_moments
 
 EPS = 1e-5  # BatchNorm's default eps: the distance stays finite for channels with (almost) no variance
@@ -102,7 +103,7 @@ def client_drift(start: Mapping[str, torch.Tensor], finals: Sequence[Mapping[str
     return Drift(spread / norm if norm > 0 else (0.0 if spread == 0 else math.inf), float((p * cos).sum()))
 
 
-class Diagnostics:
+class Diagnostics(RoundCallback):
     """The round callback that measures all of the above at every evaluation round."""
 
     def __init__(self, max_samples: int = 512, personal_size: int = 500):
@@ -130,14 +131,10 @@ class Diagnostics:
             div = bn_divergence(moments, state)
             row.update(div.means())
             row.update({f"bn_divergence[{layer}]": v for layer, v in div.divergence.items()})
-        accs = []
-        test_y, train_y = data.test_y.numpy(), data.train_y.numpy()
-        for r in results:
-            idx = label_matched_subset(test_y, train_y[exp.parts[r.client_id]], self.personal_size, exp.cfg.seed,
-                                       r.client_id)
-            if len(idx):
-                rows_t = torch.from_numpy(idx)
-                accs.append(engine.evaluate(state, data.test_x[rows_t], data.test_y[rows_t]).accuracy)
+        train_y = data.train_y.numpy()
+        accs = [a for r in results for a in [label_matched_accuracy(
+            engine.evaluate, state, data.test_x, data.test_y, train_y[exp.parts[r.client_id]], self.personal_size,
+            exp.cfg.seed, r.client_id)] if a is not None]
         if accs:
             a = np.array(accs)
             row.update(client_acc_mean=float(a.mean()), client_acc_std=float(a.std()),

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedgap.callbacks import RoundCallback
 
-class StopOnDivergence:
+
+class StopOnDivergence(RoundCallback):
     """A non-finite weight never recovers: the run ends after the round that produced one (marked in its row)."""
-
-    def on_round_end(self, info) -> dict[str, Any]:
-        return {}
 
     @staticmethod
     def diverged_at(rows: list[dict[str, Any]]) -> int | None:
@@ -22,14 +21,11 @@ class StopOnDivergence:
         return None if at is None else f"diverged after round {at}"
 
 
-class StopAtTarget:
+class StopAtTarget(RoundCallback):
     """``eval.stop_at_target``: the run ends at the first evaluation reaching ``eval.target``."""
 
     def __init__(self, target: float):
         self.target = target
-
-    def on_round_end(self, info) -> dict[str, Any]:
-        return {}
 
     def stop_reason(self, rows: list[dict[str, Any]]) -> str | None:
         hit = next((r["round"] for r in rows if (r.get("test_accuracy") or 0.0) >= self.target), None)

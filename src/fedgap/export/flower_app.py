@@ -6,11 +6,12 @@ Nothing here re-implements fedgap's math; it moves states between Flower message
   = fedgap client id; its rows from ``partition.npz``), with the ``ClientHParams`` of the embedded config and
   the client's state across rounds (``ClientResult.own``: SCAFFOLD's c_i, FedBN's norm layers) kept in
   ``context.state``.
-- ServerApp: ``FedgapStrategy``, a Flower ``Strategy`` around a fedgap ``Experiment``: each round it sends
-  the global model to exactly the clients ``sample_clients(seed, round, num_clients, k)`` picks (Flower's own
-  node sampling is not used, so both runs train the same clients), aggregates the replies in client-id order
-  with the loop's own aggregation (weighted mean in float64, server optimizer, norm policy, the objective's
-  server state), evaluates on the test set every ``eval.every`` rounds, and writes ``metrics.csv`` and
+- ServerApp: ``FedgapStrategy``, a Flower ``Strategy`` around a fedgap ``Experiment`` and its public round API:
+  each round it sends the global model to exactly the clients the loop's ``plan_round`` picks
+  (``sample_clients(seed, round, num_clients, k)``; Flower's own node sampling is not used, so both runs train
+  the same clients), and closes the round with the loop's ``finish_round`` on the replies (aggregation in
+  client-id order: weighted mean in float64, server optimizer, norm policy, the objective's server state; the
+  evaluation on the test set every ``eval.every`` rounds; the metrics row), and writes ``metrics.csv`` and
   ``summary.json`` as ``fedgap run`` does, plus the final global model (``model.pt``, a state_dict; under
   ``server.average`` the running average, the model fedgap evaluates).
 
@@ -33,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgap.config import load_config
+from fedgap.engines.results import ClientFailure, RoundOutput
 from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
 from fedgap.export.flower import load_partition
@@ -134,7 +136,8 @@ def discover(grid: Grid, num_clients: int, wait_seconds: float) -> dict[int, int
 
 
 class FedgapStrategy(Strategy):
-    """fedgap's round loop, one Flower round at a time (see the module docstring)."""
+    """fedgap's round loop, one Flower round at a time (see the module docstring), through the loop's public
+    round API: ``plan_round`` when Flower asks which clients train, ``finish_round`` with their replies."""
 
     def __init__(self, cfg, out: Path | None = None, node_wait_seconds: float = 120.0):
         from fedgap.experiment.loop import Experiment
@@ -143,7 +146,8 @@ class FedgapStrategy(Strategy):
         self.exp.engine.start()  # fedgap's engine only evaluates here, in this process
         self.out, self.node_wait = out, node_wait_seconds
         self.nodes: dict[int, int] = {}
-        self.row: dict[str, Any] = {}
+        self.plan = None
+        self.unreachable: list[int] = []
 
     def summary(self) -> None:
         c = self.exp.cfg
@@ -153,16 +157,14 @@ class FedgapStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
-        from fedgap.experiment.loop import sample_clients
-
-        cfg, exp = self.exp.cfg, self.exp
         if not self.nodes:
-            self.nodes = discover(grid, cfg.data.num_clients, self.node_wait)
-        self.t0 = time.perf_counter()
-        sampled = [int(c) for c in sample_clients(cfg.seed, server_round, cfg.data.num_clients,
-                                                  cfg.server.clients_per_round)]
+            self.nodes = discover(grid, self.exp.cfg.data.num_clients, self.node_wait)
+        self.plan = self.exp.plan_round()
+        if self.plan.round != server_round:
+            raise FedgapError(f"Flower asked for round {server_round}, fedgap's next round is {self.plan.round}")
+        sampled = [t.client_id for t in self.plan.tasks]
         self.unreachable = [c for c in sampled if c not in self.nodes]
-        payload = to_record(exp.objective.payload(exp.objective_state))
+        payload = to_record(self.plan.context.payload)
         return [Message(RecordDict({"arrays": arrays, "payload": payload,
                                     "config": ConfigRecord({"server-round": server_round, "client-id": c})}),
                         dst_node_id=self.nodes[c], message_type=MessageType.TRAIN)
@@ -172,7 +174,6 @@ class FedgapStrategy(Strategy):
         exp, cfg = self.exp, self.exp.cfg
         replies = list(replies)
         results = sorted((_result(m) for m in replies if not m.has_error()), key=lambda r: r.client_id)
-        failed = len(replies) - len(results) + len(self.unreachable)
         errors = [m.error.reason for m in replies if m.has_error()]
         for reason in errors:
             log.warning("round %d: a client failed: %s", server_round, reason)
@@ -181,47 +182,34 @@ class FedgapStrategy(Strategy):
                 f" ({len(replies)} replies, {len(self.unreachable)} sampled clients on no known node)"
             raise FedgapError(f"round {server_round}: {len(results)} clients replied, fewer than "
                               f"server.min_clients={cfg.server.min_clients}{first}")
-        exp.state = exp._aggregate(results)  # the loop's own aggregation: one copy of the math
-        exp.update_average(server_round)  # server.average, as the loop does it
-        self.row = {
-            "round": server_round, "test_accuracy": None, "test_loss": None,
-            "train_loss": float(np.average([r.train_loss for r in results], weights=[r.samples for r in results])),
-            "seconds": None, "samples": int(sum(r.samples for r in results)), "clients": len(results),
-            "clients_failed": failed, "train_seconds": time.perf_counter() - self.t0,
-        }
-        return to_record(exp.state), MetricRecord({"train-loss": self.row["train_loss"],
-                                                    "samples": self.row["samples"]})
+        failures = [ClientFailure(-1, reason) for reason in errors] + \
+            [ClientFailure(c, "no SuperNode holds this client") for c in self.unreachable]
+        row = exp.finish_round(self.plan, RoundOutput(results, failures))  # the loop's own round: one copy
+        if self.out is not None:
+            outputs.write_metrics(self.out / outputs.METRICS, exp.rows)
+        return to_record(exp.server.model), MetricRecord({"train-loss": row["train_loss"], "samples": row["samples"]})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
-        return []  # fedgap evaluates the global model on the server's test set (``evaluate``)
+        return []  # fedgap evaluates the global model on the server's test set (in ``finish_round``)
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
         return None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """The centralized evaluation Flower calls after every round (and before the first: skipped, as in
-        fedgap); also completes the round's metrics row."""
-        exp, cfg = self.exp, self.exp.cfg
-        if server_round == 0:
+        """The centralized evaluation Flower calls after every round (and before the first): the round's test
+        metrics, measured by ``finish_round`` (none before the first round or between evaluation rounds)."""
+        row = self.exp.rows[-1] if server_round > 0 and self.exp.rows else {}
+        if row.get("test_accuracy") is None:
             return None
-        test = None
-        if server_round % cfg.eval.every == 0 or server_round == cfg.server.rounds:
-            test = exp.engine.evaluate_test(exp.evaluated_state())
-            self.row.update(test_accuracy=test.accuracy, test_loss=test.loss)
-        self.row["seconds"] = time.perf_counter() - self.t0
-        exp.rows.append(self.row)
-        exp.round, exp.wall_seconds = server_round, exp.wall_seconds + self.row["seconds"]
-        if self.out is not None:
-            outputs.write_metrics(self.out / outputs.METRICS, exp.rows)
-        return None if test is None else MetricRecord({"test-accuracy": test.accuracy, "test-loss": test.loss})
+        return MetricRecord({"test-accuracy": row["test_accuracy"], "test-loss": row["test_loss"]})
 
     def finish(self) -> dict[str, Any]:
         summary = self.exp.summary()
         summary["engine"] = "flower"
         if self.out is not None:
             outputs.write_json(self.out / outputs.SUMMARY, summary)
-            torch.save(self.exp.evaluated_state(), self.out / MODEL)
+            torch.save(self.exp.server.evaluated(), self.out / MODEL)
         self.exp.engine.close()
         return summary
 
@@ -241,5 +229,6 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
     outputs.prepare_dir(out)
     outputs.atomic_write_text(out / outputs.CONFIG, config_file.read_text())
     strategy = FedgapStrategy(cfg, out, float(context.run_config.get("node-wait-seconds", 120)))
-    strategy.start(grid, to_record(strategy.exp.state), num_rounds=cfg.server.rounds, evaluate_fn=strategy.evaluate)
+    strategy.start(grid, to_record(strategy.exp.server.model), num_rounds=cfg.server.rounds,
+                   evaluate_fn=strategy.evaluate)
     return strategy.finish()

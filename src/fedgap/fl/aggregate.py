@@ -10,14 +10,16 @@
   has a last word on the new parameters (FedDyn: minus h / alpha).
 - Clients' persistent state (SCAFFOLD c_i, FedDyn h_i, FedBN norm layers) is stored for their next round.
 
-Nothing is modified in place: the old state stays valid (callbacks compare the two).
+Nothing is modified in place: the old state stays valid (callbacks compare the two). The running average
+(``server.average``) is carried through unchanged: it follows the norm policy's pass (``fedgap.fl.averaging``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from fedgap.fl.averaging import as_model
 from fedgap.fl.client import ClientResult
 from fedgap.fl.objectives import Objective
 from fedgap.fl.server import ServerOptimizer
@@ -26,12 +28,27 @@ from fedgap.fl.state import State, weighted_mean
 
 @dataclass(frozen=True)
 class ServerState:
-    """Everything the server holds between rounds (and a checkpoint saves)."""
+    """Everything the server holds between rounds: what a checkpoint saves and restores, as one object."""
 
-    model: State  # the global model's state_dict
+    model: State  # the global model's state_dict: what clients train from
     optimizer: State  # the server optimizer's state (float64)
-    objective: State  # the objective's server state
+    objective: State  # the objective's server state (SCAFFOLD's c, FedDyn's h)
     clients: Mapping[int, Mapping[str, State]]  # per-client persistent state: "objective", "norm"
+    average: State | None = None  # server.average: the running average of the round models (float64)
+
+    def evaluated(self) -> State:
+        """The model the server evaluates and hands out: the running average under server.average, else the
+        round's global model (which training continues from in either case)."""
+        return self.model if self.average is None else as_model(self.average, self.model)
+
+    def to_dict(self) -> dict:
+        """Plain containers of tensors (a checkpoint reads them back with ``weights_only=True``)."""
+        return {"model": self.model, "optimizer": self.optimizer, "objective": self.objective,
+                "clients": {cid: dict(own) for cid, own in self.clients.items()}, "average": self.average}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ServerState:
+        return cls(d["model"], d["optimizer"], d["objective"], d["clients"], d.get("average"))
 
 
 @dataclass(frozen=True)
@@ -59,4 +76,4 @@ def server_update(state: ServerState, results: Sequence[ClientResult], c: Server
     for res in results:
         if res.own:
             clients.setdefault(res.client_id, {}).update(res.own)
-    return ServerState(model, optimizer, objective, clients)
+    return replace(state, model=model, optimizer=optimizer, objective=objective, clients=clients)

@@ -128,6 +128,19 @@ def load_state(model: torch.nn.Module, state: State) -> None:
             target.copy_(state[key])
 
 
+def client_result(task: ClientTask, hp: ClientHParams, final: State, loss_sum: float, steps: int,
+                  new_own: State, upload: State, seconds: float) -> ClientResult:
+    """A client's result, whichever engine trained it: its final floating state, mean training loss, what it
+    keeps for its next round (its objective's state ``new_own``, and under FedBN its norm layers) and what it
+    uploads for the objective's server state."""
+    own: dict[str, State] = {"objective": new_own} if new_own else {}
+    own.update(norm_policy(hp.norm_policy).client_keeps(final, hp.norm_keys))
+    n = len(task.indices)
+    samples = n * hp.epochs
+    return ClientResult(client_id=task.client_id, num_samples=n, state=final, train_loss=loss_sum / max(samples, 1),
+                        samples=samples, steps=steps, own=own, upload=upload, seconds=seconds)
+
+
 def client_objective(hp: ClientHParams) -> Objective:
     return make_objective(hp.objective, hp.objective_params)
 
@@ -208,12 +221,4 @@ def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: 
 
     new_own, upload = objective.end(torch.tensor([steps])).client(0)
     final = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    own: dict[str, State] = {}
-    if new_own:
-        own["objective"] = new_own
-    own.update(norm_policy(hp.norm_policy).client_keeps(final, hp.norm_keys))
-    samples = n * hp.epochs
-    return ClientResult(
-        client_id=task.client_id, num_samples=n, state=final, train_loss=float(loss_sum) / max(samples, 1),
-        samples=samples, steps=steps, own=own, upload=upload, seconds=time.perf_counter() - t0,
-    )
+    return client_result(task, hp, final, float(loss_sum), steps, new_own, upload, time.perf_counter() - t0)

@@ -96,3 +96,15 @@ def label_matched_subset(test_y: np.ndarray, client_labels: np.ndarray, size: in
         pool = np.flatnonzero(test_y == c)
         rows.append(rng.choice(pool, size=min(want[c], len(pool)), replace=False))
     return np.sort(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+
+
+def label_matched_accuracy(evaluate_fn, state: State, test_x: torch.Tensor, test_y: torch.Tensor,
+                           client_labels: np.ndarray, size: int, seed: int, client_id: int) -> float | None:
+    """A model's accuracy on the client's own label mix: ``evaluate_fn(state, x, y)`` on ``size`` test rows drawn
+    with the client's label proportions (``label_matched_subset``); None when no row is drawn. FedBN's
+    personalized accuracy and the per-client accuracy diagnostics both measure this."""
+    rows = label_matched_subset(test_y.numpy(), client_labels, size, seed, client_id)
+    if not len(rows):
+        return None
+    idx = torch.from_numpy(rows)
+    return evaluate_fn(state, test_x[idx], test_y[idx]).accuracy

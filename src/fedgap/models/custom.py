@@ -25,33 +25,13 @@ import torch
 from torch import nn
 
 from fedgap.errors import ConfigError
-
-
-def split_target(name: str) -> tuple[str, str]:
-    """'where:function' -> (where, function), checking both parts are there."""
-    where, _, attr = name.rpartition(":")
-    if not where or not attr or not attr.isidentifier():
-        raise ConfigError(f"model.name: {name!r} is not 'package.module:factory' or 'path/to/file.py:factory'")
-    return where, attr
-
-
-def absolute_target(name: str) -> str:
-    """A file path made absolute (relative to the current folder), so that every process and a later --resume
-    from another folder find the same file; a module path unchanged."""
-    where, attr = split_target(name)
-    if _is_file_path(where):
-        return f"{os.path.abspath(os.path.expanduser(where))}:{attr}"
-    return name
-
-
-def _is_file_path(where: str) -> bool:
-    return where.endswith(".py") or "/" in where or os.sep in where
+from fedgap.models.registry import is_file_path, split_target
 
 
 def resolve(name: str) -> Callable[..., nn.Module]:
     """The factory function that ``name`` points at."""
     where, attr = split_target(name)
-    module = _import_file(Path(where).expanduser()) if _is_file_path(where) else _import_module(where)
+    module = _import_file(Path(where).expanduser()) if is_file_path(where) else _import_module(where)
     factory = getattr(module, attr, None)
     if factory is None:
         raise ConfigError(f"model.name: '{where}' has no function {attr!r}")

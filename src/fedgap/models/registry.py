@@ -9,9 +9,11 @@ this one dict, so adding a built-in model is one entry here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedgap.errors import ConfigError
 from fedgap.models import spec
 
 
@@ -50,3 +52,25 @@ def is_import_path(name: str) -> bool:
 def names_text(described: bool = False) -> str:
     """'mobilenet-like | mobilenet-v1 | ...' (with each model's description in parentheses if asked)."""
     return " | ".join(f"{n} ({e.description})" if described else n for n, e in MODELS.items())
+
+
+def split_target(name: str) -> tuple[str, str]:
+    """'where:function' -> (where, function), checking both parts are there."""
+    where, _, attr = name.rpartition(":")
+    if not where or not attr or not attr.isidentifier():
+        raise ConfigError(f"model.name: {name!r} is not 'package.module:factory' or 'path/to/file.py:factory'")
+    return where, attr
+
+
+def is_file_path(where: str) -> bool:
+    """The 'where' of an import path names a file (``dir/net.py``), not a module (``package.module``)."""
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def absolute_target(name: str) -> str:
+    """A file path made absolute (relative to the current folder), so that every process and a later --resume
+    from another folder find the same file; a module path unchanged."""
+    where, attr = split_target(name)
+    if is_file_path(where):
+        return f"{os.path.abspath(os.path.expanduser(where))}:{attr}"
+    return name

@@ -9,9 +9,10 @@ import base64
 import html
 from pathlib import Path
 
-from fedgap.diagnose.gap import LATE_EVALS, fmt_pct, status
+from fedgap.diagnose.gap import fmt_pct, status
 from fedgap.experiment import outputs
 from fedgap.report import plots
+from fedgap.runs.scores import LATE_EVALS
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;color:#1d1d1f;background:#f6f7f9}

@@ -3,7 +3,8 @@ issue thread."""
 
 from __future__ import annotations
 
-from fedgap.diagnose.gap import LATE_EVALS, fmt_pct, status
+from fedgap.diagnose.gap import fmt_pct, status
+from fedgap.runs.scores import LATE_EVALS
 
 
 def render_markdown(res) -> str:

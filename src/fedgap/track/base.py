@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedgap.callbacks import RoundCallback
 from fedgap.config import config_to_dict
 
 TRACK_FILE = "track.json"  # in the run folder: which tracked run a resumed run continues
@@ -76,7 +77,7 @@ def write_track_file(out: Path | None, key: str, value: dict[str, Any]) -> None:
     files.write_json(out / TRACK_FILE, data)
 
 
-class Tracker:
+class Tracker(RoundCallback):
     """A round callback that logs a run; subclasses implement ``start``, ``log`` and ``finish``."""
 
     def __init__(self, cfg, out: Path | None, label: str):

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedgap.config import load_config
-from fedgap.diagnose.gap import first_round_at, late_accuracy
-from fedgap.diagnose.pool import RunSpec, run_all
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
+from fedgap.preflight import check_inputs
+from fedgap.runs.pool import run_all
+from fedgap.runs.records import RunSpec
+from fedgap.runs.scores import first_round_at, late_accuracy
 from fedgap.track.base import flat_config
 from fedgap.track.command import CommandRun
 
@@ -84,6 +86,12 @@ def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | 
         cfg = load_config(path, point)
         swept = [p for p in point if p.split("=", 1)[0] in keys]
         specs.append(RunSpec(slug(swept), cfg))
+    checked: set[str] = set()
+    for spec in specs:  # every distinct data set and model loads and builds before --out is touched
+        key = repr((spec.cfg.data, spec.cfg.model, spec.cfg.seed))
+        if key not in checked:
+            checked.add(key)
+            check_inputs(spec.cfg)
     outputs.prepare_dir(out)
     common = {k: v for k, v in flat_config(specs[0].cfg).items() if k not in keys}  # the parent run's params
     with CommandRun(specs[0].cfg, out, "sweep", {**common, "sweep.keys": ",".join(keys)}) as tracking:
