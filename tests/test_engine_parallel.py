@@ -10,6 +10,7 @@ measured after two rounds on the tiny set below: at most 7e-5 absolute in any we
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from fedgap.experiment.loop import Experiment
 from fedgap.experiment.outputs import read_metrics
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext
 from fedgap.fl.objectives import OBJECTIVES
+from fedgap.runtime import stop_signals_deferred
 
 TIME_KEYS = {"seconds", "train_seconds"}
 pytestmark = pytest.mark.timeout(180)  # a hang is a failure, not a 10-minute wait
@@ -79,19 +81,19 @@ def assert_same_tensors(a, b):
 def test_parallel_equals_sequential_bit_for_bit(tiny_idx, extra):
     seq = run(tiny(tiny_idx, *extra, "engine.threads=1"))
     par = run(tiny(tiny_idx, *extra, "engine.name=parallel", "engine.workers=2"))
-    assert_same_tensors(seq.state, par.state)
-    assert_same_tensors(seq.objective_state, par.objective_state)  # SCAFFOLD's c
-    assert seq.client_store.keys() == par.client_store.keys()
-    for cid in seq.client_store:  # SCAFFOLD's c_i, FedBN's norm layers
-        assert_same_tensors(seq.client_store[cid], par.client_store[cid])
+    assert_same_tensors(seq.server.model, par.server.model)
+    assert_same_tensors(seq.server.objective, par.server.objective)  # SCAFFOLD's c
+    assert seq.server.clients.keys() == par.server.clients.keys()
+    for cid in seq.server.clients:  # SCAFFOLD's c_i, FedBN's norm layers
+        assert_same_tensors(seq.server.clients[cid], par.server.clients[cid])
     assert rows(seq) == rows(par)  # accuracy, loss (test set split over the workers), samples
 
 
 def test_parallel_differs_from_two_thread_sequential_by_rounding_only(tiny_idx):
     seq = run(tiny(tiny_idx, "engine.threads=2", "server.rounds=1"))
     par = run(tiny(tiny_idx, "engine.name=parallel", "engine.workers=2", "server.rounds=1"))
-    for k, v in seq.state.items():
-        assert torch.allclose(v.double(), par.state[k].double(), rtol=0, atol=1e-3), k
+    for k, v in seq.server.model.items():
+        assert torch.allclose(v.double(), par.server.model[k].double(), rtol=0, atol=1e-3), k
 
 
 def test_resume_with_parallel_equals_uninterrupted(tmp_path, tiny_idx):
@@ -99,7 +101,7 @@ def test_resume_with_parallel_equals_uninterrupted(tmp_path, tiny_idx):
     full = run(args, tmp_path / "full")
     run([*args[:-1], "server.rounds=1"], tmp_path / "cut")
     resumed = run(args, tmp_path / "cut", resume=True)
-    assert_same_tensors(full.state, resumed.state)
+    assert_same_tensors(full.server.model, resumed.server.model)
     assert rows(full) == rows(resumed)
 
 
@@ -109,8 +111,8 @@ def test_split_evaluation_equals_whole(tiny_idx):
     with exp.engine as engine:
         assert len(engine.workers) == 3
         for train_mode in (False, True):  # batch statistics: the batches must be the sequential ones
-            split = engine.evaluate_test(exp.state, train_mode=train_mode)
-            whole = engine.local.evaluate(exp.state, exp.data.test_x, exp.data.test_y, train_mode=train_mode)
+            split = engine.evaluate_test(exp.server.model, train_mode=train_mode)
+            whole = engine.local.evaluate(exp.server.model, exp.data.test_x, exp.data.test_y, train_mode=train_mode)
             assert split.count == whole.count == 200
             assert split.accuracy == whole.accuracy
             assert split.loss == pytest.approx(whole.loss, rel=1e-6)
@@ -131,7 +133,7 @@ def test_failing_client_is_dropped_like_sequential(tiny_idx):
     seq = run(tiny(tiny_idx, *extra, "engine.threads=1"))
     par = run(tiny(tiny_idx, *extra, "engine.name=parallel"))
     assert [r["clients_failed"] for r in par.rows] == [2, 2]
-    assert_same_tensors(seq.state, par.state)
+    assert_same_tensors(seq.server.model, par.server.model)
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -140,7 +142,7 @@ def engine_and_tasks(root, *extra, n=4):
     cfg = load_config(overrides=tiny(root, "engine.name=parallel", "engine.workers=2", *extra))
     exp = Experiment(cfg, None, show_progress=False)
     tasks = [ClientTask(c, exp.parts[c]) for c in range(n)]
-    return exp.engine, RoundContext(1, exp.state), tasks
+    return exp.engine, RoundContext(1, exp.server.model), tasks
 
 
 def exit_on_client(crash_ids):
@@ -216,7 +218,7 @@ def test_fork_after_parallel_work_in_the_parent_does_not_hang(tiny_idx):
 def test_other_start_methods_give_the_same_model(tiny_idx, method):
     fork = run(tiny(tiny_idx, "engine.name=parallel"))
     other = run(tiny(tiny_idx, "engine.name=parallel", f"engine.start_method={method}"))
-    assert_same_tensors(fork.state, other.state)
+    assert_same_tensors(fork.server.model, other.server.model)
 
 
 def test_engine_registered_with_defaults(tiny_idx):
@@ -251,8 +253,10 @@ def gone(pids, timeout=10):
 
 
 def start_run(tmp_path, root, *extra):
-    args = [sys.executable, "-m", "fedgap", "run", *tiny(root, "engine.name=parallel", "server.rounds=200",
-                                                          "eval.every=1000", *extra),
+    # 100000 rounds: the run cannot finish on its own before it is interrupted, even if this test process is
+    # starved for seconds on a busy machine (200 tiny rounds once ended first and exited 0)
+    args = [sys.executable, "-m", "fedgap", "run", *tiny(root, "engine.name=parallel", "server.rounds=100000",
+                                                          "eval.every=100000", *extra),
             "--out", str(tmp_path / "run"), "--quiet"]
     # SIGINT back to its default in the run, as under a terminal: a test suite started in the background of a
     # non-interactive shell (nohup, `cmd &`) inherits it ignored, and the run would rightly ignore Ctrl-C too.
@@ -268,7 +272,14 @@ def test_no_orphan_workers_when_the_run_is_interrupted(tmp_path, tiny_idx, how):
         pids = wait_for_workers(proc)
         if how == "ctrl-c":  # what a terminal does: SIGINT to the whole foreground process group
             os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=60) != 0
+            try:
+                proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                os.system(f"/work/main/.venv/bin/py-spy dump --pid {proc.pid} > /tmp/hang_dump.txt 2>&1")
+                for k in psutil.Process(proc.pid).children():
+                    os.system(f"/work/main/.venv/bin/py-spy dump --pid {k.pid} >> /tmp/hang_dump.txt 2>&1")
+                raise
+            assert proc.returncode != 0
         else:  # no cleanup can run in the parent: the workers must notice by themselves
             proc.kill()
             proc.wait(timeout=60)
@@ -295,7 +306,7 @@ def test_killed_parallel_run_resumes_to_the_same_model(tmp_path, tiny_idx):
     proc.wait()
     assert 2 <= len(read_metrics(metrics)) < 30, "the kill did not land mid-run"
     resumed = run(args, tmp_path / "cut", resume=True)
-    assert_same_tensors(full.state, resumed.state)
+    assert_same_tensors(full.server.model, resumed.server.model)
     assert rows(full) == rows(resumed)
     assert np.isfinite(resumed.rows[-1]["test_loss"])
 
@@ -305,5 +316,21 @@ def test_ten_thousand_clients_keep_state_only_for_those_sampled():
     exp = run(["data.partition=iid", "data.num_clients=10000", "server.clients_per_round=100", "server.rounds=1",
                "server.algorithm=scaffold", "engine.name=parallel"])
     assert exp.rows[0]["clients"] == 100 and exp.rows[0]["samples"] == 600
-    assert len(exp.client_store) == 100  # c_i of the clients sampled so far, nothing for the others
+    assert len(exp.server.clients) == 100  # c_i of the clients sampled so far, nothing for the others
     assert sum(len(p) for p in exp.parts) == 60000
+
+
+def test_a_ctrl_c_while_a_worker_is_forked_is_raised_after_the_fork():
+    """A KeyboardInterrupt raised inside CPython's after-fork callbacks is dropped ("Exception ignored"): a Ctrl-C
+    that landed in the fork of a worker was lost and the run went on. Forks happen with the stop signals held
+    back (recorded, then raised again), so the interrupt arrives after the fork, in ordinary code."""
+    ctx = multiprocessing.get_context("fork")
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # pending, not raised here
+            child = ctx.Process(target=os._exit, args=(0,))
+            child.start()
+            assert child.pid > 0
+        pytest.fail("the interrupt must be raised when the signals are let through")
+    child.join()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back

@@ -47,7 +47,7 @@ from fedgap.fl.client import ClientTask, RoundContext
 from fedgap.fl.evaluate import EvalResult
 from fedgap.fl.normpolicy import Moments
 from fedgap.fl.state import State
-from fedgap.runtime import trim_heap, tune_allocator
+from fedgap.runtime import stop_signals_deferred, trim_heap, tune_allocator
 
 MAX_RESTARTS = 3  # per run: a worker that keeps dying is a bug or a memory limit, not bad luck
 START_TIMEOUT = 120.0  # seconds for a worker to report ready (spawn under heavy load is slow)
@@ -148,7 +148,8 @@ class ParallelEngine(Engine):
             trim_heap()
             gc.freeze()  # keep the collector from touching (and so copying) the parent's objects in the child
         try:
-            process.start()
+            with stop_signals_deferred():  # a Ctrl-C landing in fork() is raised after it, not lost
+                process.start()
         finally:
             if self.start_method == "fork":
                 gc.unfreeze()
