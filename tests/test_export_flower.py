@@ -63,7 +63,7 @@ def test_export_writes_the_app_config_and_partition(tiny_idx, tmp_path, capsys):
     assert app["components"] == {"serverapp": f"{PACKAGE}.server_app:app", "clientapp": f"{PACKAGE}.client_app:app"}
     assert app["config"]["config-file"] == str((out / "config.yaml").resolve())
     assert any(d.startswith("fedgap") for d in project["project"]["dependencies"])
-    assert any(d.startswith("flwr[simulation]>=1.42") for d in project["project"]["dependencies"])
+    assert "flwr>=1.42,<1.43" in project["project"]["dependencies"]  # base flwr: a deployment needs no Ray
     for name in ("client_app.py", "server_app.py"):
         ast.parse((out / PACKAGE / name).read_text())
     assert "@app.train()" in (out / PACKAGE / "client_app.py").read_text()
@@ -79,6 +79,88 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tiny_idx, tmp_path, sett
     done = cli_subprocess("export", "flower", *tiny(tiny_idx, setting), "--out", str(out))
     assert done.returncode == 2
     assert done.stderr.startswith(f"fedgap: error: {first_words}") and done.stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("fedgap: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_a_folder_that_is_not_an_earlier_export(tiny_idx, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "README.md").write_text("my readme")  # named like one of the app's files
+    before = snapshot(out)
+    line = one_error_line(*cli("export", "flower", *tiny(tiny_idx), "--out", str(out), capsys=capsys)[::2])
+    assert "not empty and not an earlier fedgap export" in line and "--overwrite" in line
+    assert snapshot(out) == before  # nothing written, nothing replaced
+    # --overwrite writes the app into it: files named like the app's are replaced, the others kept
+    assert cli("export", "flower", *tiny(tiny_idx), "--out", str(out), "--overwrite", capsys=capsys)[0] == 0
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "README.md").read_text() != "my readme"
+    assert load_config(out / "config.yaml").server.rounds == 3
+
+
+def test_export_replaces_an_earlier_export_and_keeps_other_files(tiny_idx, tmp_path, capsys):
+    out = tmp_path / "app"
+    assert cli("export", "flower", *tiny(tiny_idx), "--out", str(out), capsys=capsys)[0] == 0
+    (out / "flower-run").mkdir()
+    (out / "flower-run" / "metrics.csv").write_text("results of a run")
+    (out / PACKAGE / "__pycache__").mkdir()  # what importing the app leaves
+    assert cli("export", "flower", *tiny(tiny_idx, "server.rounds=4"), "--out", str(out), capsys=capsys)[0] == 0
+    assert load_config(out / "config.yaml").server.rounds == 4  # the earlier export's files are replaced
+    assert (out / "flower-run" / "metrics.csv").read_text() == "results of a run"  # the rest is left alone
+
+
+@pytest.mark.parametrize("edit", ["fedgap_app/client_app.py", "superlink.toml"])
+def test_export_refuses_an_earlier_export_edited_since(tiny_idx, tmp_path, capsys, edit):
+    out = tmp_path / "app"
+    assert cli("export", "flower", *tiny(tiny_idx), "--out", str(out), capsys=capsys)[0] == 0
+    (out / edit).write_text((out / edit).read_text() + "# my change\n")
+    before = snapshot(out)
+    line = one_error_line(*cli("export", "flower", *tiny(tiny_idx, "server.rounds=4"), "--out", str(out),
+                               capsys=capsys)[::2])
+    assert f"'{edit}' was changed since it was exported; pass --overwrite" in line
+    assert snapshot(out) == before
+    assert cli("export", "flower", *tiny(tiny_idx), "--out", str(out), "--overwrite", capsys=capsys)[0] == 0
+    assert "# my change" not in (out / edit).read_text()
+
+
+def test_export_writes_the_superlink_connection(tiny_idx, tmp_path, capsys):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    out = tmp_path / "app"
+    assert cli("export", "flower", *tiny(tiny_idx), "--out", str(out), "--name", "demo", "--superlink",
+               "superlink.example:9000", "--root-certificates", str(ca), capsys=capsys)[0] == 0
+    entry = tomllib.loads((out / "superlink.toml").read_text())["superlink"]["demo"]
+    assert entry == {"address": "superlink.example:9000", "root-certificates": str(ca.resolve())}
+    out2 = tmp_path / "insecure"
+    assert cli("export", "flower", *tiny(tiny_idx), "--out", str(out2), capsys=capsys)[0] == 0
+    assert tomllib.loads((out2 / "superlink.toml").read_text())["superlink"]["insecure"] == {
+        "address": "127.0.0.1:8000", "insecure": True}
+    config = tomllib.loads((out2 / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config["out-dir"] == str((out2 / "flower-run").resolve()) and config["reply-timeout-seconds"] == 600
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--root-certificates", "missing.pem", "--root-certificates '{tmp}/missing.pem': cannot be read"),
+    ("--root-certificates", "notes.txt", "--root-certificates '{tmp}/notes.txt': not a PEM certificate"),
+    ("--superlink", "localhost", "--superlink 'localhost': expected HOST:PORT"),
+])
+def test_export_connection_settings_are_checked_in_one_line(tiny_idx, tmp_path, capsys, option, value, message):
+    (tmp_path / "notes.txt").write_text("not a certificate")
+    arg = str(tmp_path / value) if option == "--root-certificates" else value
+    out = tmp_path / "app"
+    line = one_error_line(*cli("export", "flower", *tiny(tiny_idx), "--out", str(out), option, arg,
+                               capsys=capsys)[::2])
+    assert message.format(tmp=tmp_path) in line
     assert not out.exists()
 
 

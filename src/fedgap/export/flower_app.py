@@ -36,6 +36,7 @@ from fedgap.config import load_config
 from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
 from fedgap.export.flower import load_partition
+from fedgap.export.flower_files import REPLY_TIMEOUT
 from fedgap.fl.client import ClientResult, ClientTask, RoundContext, local_update
 from fedgap.fl.state import State
 
@@ -136,14 +137,16 @@ def discover(grid: Grid, num_clients: int, wait_seconds: float) -> dict[int, int
 class FedgapStrategy(Strategy):
     """fedgap's round loop, one Flower round at a time (see the module docstring)."""
 
-    def __init__(self, cfg, out: Path | None = None, node_wait_seconds: float = 120.0):
+    def __init__(self, cfg, out: Path | None = None, node_wait_seconds: float = 120.0,
+                 reply_timeout_seconds: float = REPLY_TIMEOUT):
         from fedgap.experiment.loop import Experiment
 
         self.exp = Experiment(cfg, None, show_progress=False, label="flower")
         self.exp.engine.start()  # fedgap's engine only evaluates here, in this process
-        self.out, self.node_wait = out, node_wait_seconds
+        self.out, self.node_wait, self.reply_timeout = out, node_wait_seconds, reply_timeout_seconds
         self.nodes: dict[int, int] = {}
         self.row: dict[str, Any] = {}
+        self.sent: dict[str, int] = {}  # this round's train messages: message id -> fedgap client id
 
     def summary(self) -> None:
         c = self.exp.cfg
@@ -161,24 +164,35 @@ class FedgapStrategy(Strategy):
         self.t0 = time.perf_counter()
         sampled = [int(c) for c in sample_clients(cfg.seed, server_round, cfg.data.num_clients,
                                                   cfg.server.clients_per_round)]
-        self.unreachable = [c for c in sampled if c not in self.nodes]
+        # a node the SuperLink no longer lists as online (lost, stopped) is not sent anything: it counts as failed
+        online = set(grid.get_node_ids())
+        self.unreachable = [c for c in sampled if self.nodes.get(c) not in online]
         payload = to_record(exp.objective.payload(exp.objective_state))
-        return [Message(RecordDict({"arrays": arrays, "payload": payload,
-                                    "config": ConfigRecord({"server-round": server_round, "client-id": c})}),
-                        dst_node_id=self.nodes[c], message_type=MessageType.TRAIN)
-                for c in sampled if c in self.nodes]
+        messages = [Message(RecordDict({"arrays": arrays, "payload": payload,
+                                        "config": ConfigRecord({"server-round": server_round, "client-id": c})}),
+                            dst_node_id=self.nodes[c], message_type=MessageType.TRAIN)
+                    for c in sampled if c not in self.unreachable]
+        self.sent = {m.object_id: int(m.content["config"]["client-id"]) for m in messages}
+        return messages
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         exp, cfg = self.exp, self.exp.cfg
         replies = list(replies)
         results = sorted((_result(m) for m in replies if not m.has_error()), key=lambda r: r.client_id)
-        failed = len(replies) - len(results) + len(self.unreachable)
+        # sampled clients without a result: no online node, an error reply, or no reply within the timeout
+        failed = len(self.sent) + len(self.unreachable) - len(results)
         errors = [m.error.reason for m in replies if m.has_error()]
         for reason in errors:
             log.warning("round %d: a client failed: %s", server_round, reason)
+        silent = sorted(set(self.sent.values()) - {self.sent.get(m.metadata.reply_to_message_id) for m in replies})
+        if silent:
+            log.warning("round %d: clients %s did not reply within %g s", server_round, silent, self.reply_timeout)
+        if self.unreachable:
+            log.warning("round %d: clients %s are on no online SuperNode", server_round, self.unreachable)
         if len(results) < cfg.server.min_clients:
             first = f" (first client error: {errors[0]})" if errors else \
-                f" ({len(replies)} replies, {len(self.unreachable)} sampled clients on no known node)"
+                f" ({len(silent)} did not reply within {self.reply_timeout:g} s, {len(self.unreachable)} on no " \
+                f"online SuperNode)"
             raise FedgapError(f"round {server_round}: {len(results)} clients replied, fewer than "
                               f"server.min_clients={cfg.server.min_clients}{first}")
         exp.state = exp._aggregate(results)  # the loop's own aggregation: one copy of the math
@@ -240,6 +254,10 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
     out = Path(str(context.run_config.get("out-dir") or app_dir / "flower-run"))
     outputs.prepare_dir(out)
     outputs.atomic_write_text(out / outputs.CONFIG, config_file.read_text())
-    strategy = FedgapStrategy(cfg, out, float(context.run_config.get("node-wait-seconds", 120)))
-    strategy.start(grid, to_record(strategy.exp.state), num_rounds=cfg.server.rounds, evaluate_fn=strategy.evaluate)
+    rc = context.run_config
+    strategy = FedgapStrategy(cfg, out, float(rc.get("node-wait-seconds", 120)),
+                              float(rc.get("reply-timeout-seconds", REPLY_TIMEOUT)))
+    # a bounded wait for each round's replies: a lost SuperNode costs at most this, never a hang
+    strategy.start(grid, to_record(strategy.exp.state), num_rounds=cfg.server.rounds, timeout=strategy.reply_timeout,
+                   evaluate_fn=strategy.evaluate)
     return strategy.finish()
