@@ -173,50 +173,73 @@ class Deployment:
         return proc
 
     def start_superlink(self) -> Proc:
-        args = [str(BIN / "flower-superlink"), "--host", HOST, "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]
-        if self.tls:
-            args += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
-                     "--ssl-keyfile", str(self.tls.key)]
-        else:
-            args += ["--insecure"]
-        if self.node_auth:
-            args += ["--enable-supernode-auth"]
-        proc = self.spawn("superlink", args)
-        self.wait_listening(proc, self.port, 60)
-        return proc
+        """Start the SuperLink and wait until it listens (on another free port if its port was taken meanwhile)."""
+        def args() -> list[str]:
+            args = [str(BIN / "flower-superlink"), "--host", HOST, "--port", str(self.port),
+                    "--disable-runtime-dependency-installation"]
+            if self.tls:
+                args += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                         "--ssl-keyfile", str(self.tls.key)]
+            else:
+                args += ["--insecure"]
+            return args + (["--enable-supernode-auth"] if self.node_auth else [])
+
+        def new_port() -> list[str]:
+            self.port = free_port()
+            self.address = f"{HOST}:{self.port}"
+            self.write_connection()
+            return args()
+
+        return self.start_listening("superlink", args(), lambda: self.port, new_port)
 
     def start_supernode(self, partition_id: int, num_partitions: int, *, name: str | None = None,
                         key: Path | None = None, root_certificates: Path | None | bool = True,
                         max_wait_seconds: float | None = None) -> Proc:
         """A SuperNode holding fedgap client ``partition_id``. ``root_certificates``: True = the deployment's
         CA (when it has TLS), False = none (the system's trust store), or a path."""
-        port = free_port()
-        args = [str(BIN / "flower-supernode"), "--superlink", self.address, "--host", HOST, "--port", str(port),
-                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
         if root_certificates is True:
             root_certificates = self.tls.ca if self.tls else None
-        if self.tls is None:
-            args += ["--insecure"]
-        elif root_certificates:
-            args += ["--root-certificates", str(root_certificates)]
-        if key is not None:
-            args += ["--auth-supernode-private-key", str(key)]
-        if max_wait_seconds is not None:
-            args += ["--max-wait-time", str(max_wait_seconds)]
-        return self.spawn(name or f"supernode-{partition_id}", args)
+        port = free_port()
 
-    def wait_listening(self, proc: Proc, port: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-            try:
-                socket.create_connection((HOST, port), timeout=1).close()
-                return
-            except OSError:
+        def args() -> list[str]:
+            args = [str(BIN / "flower-supernode"), "--superlink", self.address, "--host", HOST, "--port", str(port),
+                    "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+            if self.tls is None:
+                args += ["--insecure"]
+            elif root_certificates:
+                args += ["--root-certificates", str(root_certificates)]
+            if key is not None:
+                args += ["--auth-supernode-private-key", str(key)]
+            if max_wait_seconds is not None:
+                args += ["--max-wait-time", str(max_wait_seconds)]
+            return args
+
+        def new_port() -> list[str]:
+            nonlocal port
+            port = free_port()
+            return args()
+
+        # its Runtime API (for its ClientApps) listens before it connects to the SuperLink
+        return self.start_listening(name or f"supernode-{partition_id}", args(), lambda: port, new_port)
+
+    def start_listening(self, name: str, args: list[str], port, new_port, timeout: float = 60) -> Proc:
+        """Start a process and wait until it listens on ``port()``; if the port was taken between free_port() and
+        the process binding it (another process's connection got it), try again with ``new_port()``'s args."""
+        for _ in range(3):
+            proc = self.spawn(name, args)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and proc.popen.poll() is None:
+                # held by this process (a connect() could reach whoever else holds the port)
+                if port() in {p for _, p in listening_sockets({proc.popen.pid})}:
+                    return proc
                 time.sleep(0.2)
-        raise TimeoutError(f"{proc.name} did not listen on {HOST}:{port} within {timeout:g} s:\n{proc.tail()}")
+            if proc.popen.poll() is None:
+                raise TimeoutError(f"{name} did not listen on {HOST}:{port()} within {timeout:g} s:\n{proc.tail()}")
+            if "address already in use" not in proc.tail(200).lower():
+                raise RuntimeError(f"{name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+            self.procs.remove(proc)
+            args = new_port()
+        raise RuntimeError(f"{name}: no free port after 3 tries:\n{proc.tail()}")
 
     # -------------------------------------------------------------------------------- the flwr CLI
     def flwr(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:

@@ -28,7 +28,7 @@ from flower_deploy import BIN, Deployment, make_node_key, make_tls
 from procs import descendants, is_loopback
 
 pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedgap[flower]')")
-pytestmark = [pytest.mark.flower,
+pytestmark = [pytest.mark.flower, pytest.mark.timeout(1800),  # each test waits at most 900 s for its runs
               pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink not installed")]
 
 CLIENTS = 4
@@ -110,13 +110,12 @@ def test_tls_and_supernode_authentication(tiny_idx, tmp_path, capsys):
     gives `fedgap run`'s model; a SuperNode with an unregistered key is refused; a SuperNode and a flwr CLI
     without the CA certificate cannot connect. The CLI uses the connection `fedgap export flower` wrote."""
     tls = make_tls(tmp_path / "certs")
-    deployment = Deployment(tmp_path / "deployment", tls=tls, node_auth=True, connection="tls-app")
     app = tmp_path / "app"
-    export(capsys, app, *tiny(tiny_idx, "server.rounds=3"), "--name", "tls-app", "--superlink", deployment.address,
-           "--root-certificates", str(tls.ca))
-    deployment.write_connection((app / "superlink.toml").read_text())  # the exported connection, as a user would
-    with deployment:
+    with Deployment(tmp_path / "deployment", tls=tls, node_auth=True, connection="tls-app") as deployment:
         deployment.start_superlink()
+        export(capsys, app, *tiny(tiny_idx), "--name", "tls-app", "--superlink", deployment.address,
+               "--root-certificates", str(tls.ca))
+        deployment.write_connection((app / "superlink.toml").read_text())  # the exported connection, as a user would
         registered = set()
         for cid in range(CLIENTS):
             private, public = make_node_key(tmp_path / "keys", f"node-{cid}")
