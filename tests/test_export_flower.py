@@ -185,6 +185,72 @@ def test_exported_pyproject_is_a_valid_flower_app(tiny_idx, tmp_path, capsys):
 SHARED = ["round", "test_accuracy", "test_loss", "train_loss", "samples", "clients", "clients_failed"]
 
 
+class OnlineNodes:
+    """The one thing FedgapStrategy.configure_train asks of Flower's Grid: the nodes the SuperLink lists online."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+@pytest.mark.parametrize("min_clients", [2, 3])
+def test_strategy_counts_lost_clients_as_failed_like_fedgap_run(tiny_idx, tmp_path, capsys, min_clients):
+    """Round 1 samples clients [1, 2, 3, 4]: 1 and 2 reply, 3's reply never comes (its SuperNode was lost after
+    the round was sent), 4's SuperNode is no longer online (not sent anything). With server.min_clients=2 the
+    round aggregates 1 and 2 exactly as `fedgap run` does when 3 and 4 fail (engine.fail_clients), bit for bit;
+    with 3 the run stops with one line that says what happened."""
+    pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedgap[flower]')")
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedgap.errors import FedgapError
+    from fedgap.export.flower_app import FedgapStrategy, client_train, to_record, to_state
+
+    app = tmp_path / "app"
+    extra = ("server.rounds=1", f"server.min_clients={min_clients}")
+    assert cli("export", "flower", *tiny(tiny_idx, *extra), "--out", str(app), capsys=capsys)[0] == 0
+    from flwr.supercore.task_identity import TaskIdentity
+
+    threads = torch.get_num_threads()  # the ClientApp code sets one thread (engine.threads=1) in this process
+    # what Flower's runtime sets in a ServerApp process before messages are made (restored below)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    try:
+        strategy = FedgapStrategy(load_config(app / "config.yaml"), reply_timeout_seconds=30)
+        strategy.nodes = {c: 100 + c for c in range(6)}
+        online = OnlineNodes(100 + c for c in range(6) if c != 4)
+        messages = strategy.configure_train(1, to_record(strategy.exp.state), ConfigRecord(), online)
+        assert sorted(int(m.content["config"]["client-id"]) for m in messages) == [1, 2, 3]  # 4: not online
+        run_config = {"config-file": str(app / "config.yaml"), "partition-file": str(app / "partition.npz")}
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what Grid.push_messages does
+            cid = int(msg.content["config"]["client-id"])
+            if cid != 3:
+                context = Context(0, msg.metadata.dst_node_id, {"partition-id": cid}, RecordDict(), run_config)
+                replies.append(client_train(msg, context, app))
+        if min_clients == 3:
+            with pytest.raises(FedgapError) as raised:
+                strategy.aggregate_train(1, replies)
+            assert str(raised.value) == ("round 1: 2 clients replied, fewer than server.min_clients=3 (1 did not "
+                                         "reply within 30 s, 1 on no online SuperNode)")
+            return
+        arrays, _ = strategy.aggregate_train(1, replies)
+    finally:
+        torch.set_num_threads(threads)
+        TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+    assert strategy.row["clients"] == 2 and strategy.row["clients_failed"] == 2
+    ran = cli_subprocess("run", str(app / "config.yaml"), "engine.fail_clients=[3,4]", "--out",
+                         str(tmp_path / "fedgap"), "--quiet")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    row = read_metrics(tmp_path / "fedgap" / "metrics.csv")[0]
+    assert (row["clients"], row["clients_failed"], int(row["samples"])) == ("2", "2", strategy.row["samples"])
+    assert float(row["train_loss"]) == pytest.approx(strategy.row["train_loss"], rel=1e-5)  # csv keeps 6 digits
+    fedgap_state = torch.load(tmp_path / "fedgap" / "checkpoint.pt", weights_only=True)["state"]
+    for key, value in to_state(arrays).items():
+        assert torch.equal(value, fedgap_state[key]), key  # bit for bit
+
+
 def simulation_extra_missing() -> str | None:
     """Why this environment cannot run Flower's simulation engine as flwr pins it (None if it can): a
     requirement of the ``flwr[simulation]`` extra (its exact Ray) missing or at another version."""
