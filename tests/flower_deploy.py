@@ -165,7 +165,7 @@ class Deployment:
         home.mkdir(exist_ok=True)
         log = self.root / "logs" / f"{name}.log"
         with open(log, "wb") as out:
-            # its own session: a signal to the group reaches the process and the children it did not detach
+            # its own session: a Ctrl-C meant for pytest does not reach it; stop() ends it and everything below it
             popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=flower_env(home), cwd=home, start_new_session=True)
         proc = Proc(name, popen, log)
