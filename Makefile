@@ -5,8 +5,11 @@ PY     := $(VENV)/bin/python
 CORE   := $(VENV)/.core-stamp
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/doctor
+SIM_VENV  := .venv-flower-sim
+SIM_PY    := $(SIM_VENV)/bin/python
+SIM_STAMP := $(SIM_VENV)/.installed-stamp
 
-.PHONY: install install-core run test test-slow bench lint clean
+.PHONY: install install-core run test test-slow test-flower bench lint clean
 
 # Re-installs only when pyproject.toml or this Makefile (its install lines) changed since the last install.
 # `make run` needs only fedgap and its dependencies (half the install time of the extras); the test, bench and
@@ -18,8 +21,15 @@ $(CORE): pyproject.toml Makefile
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(PY) -m pip install --quiet -e '.[dev,ray,tensorboard,mlflow]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,tensorboard,mlflow,flower]'
 	touch $(STAMP)
+
+# Flower's simulation engine pins an older Ray than the ray extra: its test gets an environment of its own.
+$(SIM_STAMP): pyproject.toml Makefile
+	test -x $(SIM_PY) || $(PYTHON) -m venv $(SIM_VENV)
+	$(SIM_PY) -m pip install --quiet --upgrade "pip>=24"
+	$(SIM_PY) -m pip install --quiet -e '.[dev,flower-simulation]'
+	touch $(SIM_STAMP)
 
 install-core: $(CORE)
 
@@ -34,6 +44,12 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# The exported Flower app on Flower's two runtimes (docs/flower.md): a SuperLink and SuperNodes on loopback
+# (this environment, base flwr), and the simulation engine (.venv-flower-sim, flwr[simulation] and its Ray).
+test-flower: install $(SIM_STAMP)
+	$(PY) -m pytest -q -m flower tests/test_flower_deploy.py
+	$(SIM_PY) -m pytest -q -m flower tests/test_export_flower.py
+
 bench: install
 	$(PY) benchmarks/run_engines.py
 
@@ -41,4 +57,4 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SIM_VENV) runs .pytest_cache

@@ -23,7 +23,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fedgap.engines.ray_actor import init_local_ray  # noqa: E402
-from test_ray_engine import descendants, listening_addresses  # noqa: E402
+from procs import descendants, listening_addresses  # noqa: E402
 
 
 def watch(seen: set[str], stop: threading.Event) -> None:

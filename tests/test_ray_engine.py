@@ -8,7 +8,6 @@ another order: about 1e-7 relative per operation, grown by training to < 1e-3 ab
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from fedgap.errors import ConfigError
 from fedgap.experiment.loop import Experiment, sample_clients
 from fedgap.experiment.outputs import read_metrics
 from fedgap.fl.client import ClientTask, RoundContext
+from procs import descendants, listening_addresses
 
 ray = pytest.importorskip("ray")
 
@@ -96,47 +96,6 @@ def sequential_1t(root: str, *extra: str) -> Experiment:
 
 def test_the_fixture_rounds_are_as_the_tests_assume():
     assert [list(sample_clients(0, r, 6, 4)) for r in (1, 2, 3)] == [[1, 2, 3, 4], [0, 2, 3, 5], [0, 2, 4, 5]]
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def listening_addresses(pids: set[int]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Local addresses of the TCP sockets in LISTEN state held by ``pids``, read from /proc (what ``ss -ltnp``
-    shows, without needing iproute2 on the machine)."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:  # the process ended or its fds are not ours to read
-            continue
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
-                continue
-            raw = bytes.fromhex(fields[1].split(":")[0])
-            # the kernel prints each 32-bit word of the address in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            found.append(ipaddress.ip_address(raw))
-    return found
 
 
 def test_every_ray_port_listens_on_loopback_only():

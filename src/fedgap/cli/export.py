@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from fedgap.export.flower_files import DEFAULT_SUPERLINK
+
 EPILOG = ("CONFIG is an optional YAML file; OVERRIDES are dotted key=value pairs applied after it. "
           "`fedgap keys` lists every key.")
 
@@ -23,14 +25,21 @@ def export() -> None:
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [OVERRIDES]...")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the Flower app.")
 @click.option("--name", default=None, help="Project name in the app's pyproject.toml (default: from --out).")
-def flower(args, out, name):
+@click.option("--superlink", default=DEFAULT_SUPERLINK, show_default=True, metavar="HOST:PORT",
+              help="The SuperLink's address, for the connection in superlink.toml.")
+@click.option("--root-certificates", type=click.Path(path_type=Path), default=None, metavar="CA.pem",
+              help="The CA certificate that signed the SuperLink's TLS certificate (default: no TLS).")
+@click.option("--overwrite", is_flag=True,
+              help="Write into a folder that is not an earlier export, replacing files named like the app's.")
+def flower(args, out, name, superlink, root_certificates, overwrite):
     """Write a Flower app (message API, flwr 1.42) that trains the same model with the same client objective,
     server optimizer and norm policy as `fedgap run CONFIG`.
 
     The app (pyproject.toml, fedgap_app/client_app.py, fedgap_app/server_app.py) calls fedgap's own client
-    update and aggregation; config.yaml and partition.npz (client id -> training rows) go beside it. Each
-    SuperNode is one fedgap client (node config partition-id). Run it with `pip install 'fedgap[flower]'`;
-    see docs/flower.md.
+    update and aggregation; config.yaml and partition.npz (client id -> training rows) go beside it, and
+    superlink.toml, the SuperLink connection for `flwr run`. Each SuperNode is one fedgap client (node config
+    partition-id). --out must be new, empty or an earlier export left as it was written (else --overwrite).
+    Run it with `pip install 'fedgap[flower]'`; see docs/flower.md.
     """
     from fedgap.cli.console import err_console, load
     from fedgap.export.flower import export_flower
@@ -38,7 +47,7 @@ def flower(args, out, name):
 
     cfg = load(args)
     check_inputs(cfg)  # the data set loads and the model builds, before --out is touched
-    export_flower(cfg, out, name=name)
+    export_flower(cfg, out, name=name, superlink=superlink, root_certificates=root_certificates, overwrite=overwrite)
     err_console.print(f"Flower app written to {out}: {cfg.data.num_clients} SuperNodes (partition-id 0.."
                       f"{cfg.data.num_clients - 1}), {cfg.server.rounds} rounds; see {out / 'README.md'}",
                       highlight=False, soft_wrap=True)

@@ -4,7 +4,9 @@ The app is small on purpose: ``<pkg>/client_app.py`` and ``<pkg>/server_app.py``
 ``ClientApp`` / ``ServerApp`` to ``fedgap.export.flower_app``, which calls fedgap's own code (the client
 update ``fedgap.fl.client.local_update``; the round loop's aggregation, server optimizer and evaluation). One
 copy of the math: the app depends on fedgap. Beside it go the resolved ``config.yaml`` and ``partition.npz``
-(client id -> its training rows, from ``fedgap.data.partition.partition_for``).
+(client id -> its training rows, from ``fedgap.data.partition.partition_for``) and ``superlink.toml``, the
+SuperLink connection for the ``flwr`` CLI (address, and the CA certificate for TLS). The file texts are in
+``fedgap.export.flower_files``; what may be written into an existing ``--out`` is ``fedgap.export.folder``'s rule.
 
 What cannot be exported is refused with one line: ``model.norm_policy=recalibrate`` (exact BatchNorm
 statistics need a federated statistics pass per layer after every round) and ``eval.stop_at_target`` (the
@@ -15,6 +17,7 @@ on the client, in the ClientApp's ``context.state``.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -23,9 +26,18 @@ import numpy as np
 from fedgap.config import Config, config_from_dict, config_to_dict, dump_yaml
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
-
-PACKAGE = "fedgap_app"
-FLWR_REQUIREMENT = "flwr[simulation]>=1.42,<1.43"
+from fedgap.export.flower_files import (
+    CLIENT_APP,
+    CONNECTION,
+    DEFAULT_SUPERLINK,
+    PACKAGE,
+    REPLY_TIMEOUT,
+    SERVER_APP,
+    connection,
+    pyproject,
+    readme,
+)
+from fedgap.export.folder import check_out, write_export
 
 NOT_EXPORTABLE = {  # (section, key, value) -> why
     ("model", "norm_policy", "recalibrate"): (
@@ -52,35 +64,57 @@ def exported_config(cfg: Config) -> Config:
     return config_from_dict(tree)
 
 
-def export_flower(cfg: Config, out: Path, *, name: str | None = None) -> Path:
-    """Write the app to ``out`` (created; existing app files are replaced); returns ``out``."""
+def export_flower(cfg: Config, out: Path, *, name: str | None = None, superlink: str = DEFAULT_SUPERLINK,
+                  root_certificates: Path | None = None, overwrite: bool = False) -> Path:
+    """Write the app to ``out``; returns ``out``. Into an existing folder only as ``fedgap.export.folder``
+    allows (an earlier export, or ``overwrite``); every check runs before anything is written."""
     check_exportable(cfg)
+    check_superlink(superlink)
+    if root_certificates is not None:
+        check_certificate(root_certificates)
     from fedgap.data.datasets import load_dataset
     from fedgap.data.partition import partition_for
 
     data = load_dataset(cfg.data.name, cfg.data.root)  # a bad data setting fails before --out is touched
     parts = partition_for(cfg.data, data.train_y.numpy(), cfg.seed)
-    outputs.prepare_dir(out)
     app_name = name or _project_name(out)
     cfg = exported_config(cfg)
-    outputs.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    save_partition(out / "partition.npz", parts)
-    (out / PACKAGE).mkdir(exist_ok=True)
-    init = f'"""{app_name}: a fedgap experiment as a Flower app."""\n'
-    outputs.atomic_write_text(out / PACKAGE / "__init__.py", init)
-    outputs.atomic_write_text(out / PACKAGE / "client_app.py", CLIENT_APP)
-    outputs.atomic_write_text(out / PACKAGE / "server_app.py", SERVER_APP)
-    outputs.atomic_write_text(out / "pyproject.toml", pyproject(app_name, cfg, out))
-    outputs.atomic_write_text(out / "README.md", readme(app_name, cfg))
+    files = {
+        "config.yaml": dump_yaml(cfg),
+        "partition.npz": partition_bytes(parts),
+        f"{PACKAGE}/__init__.py": f'"""{app_name}: a fedgap experiment as a Flower app."""\n',
+        f"{PACKAGE}/client_app.py": CLIENT_APP,
+        f"{PACKAGE}/server_app.py": SERVER_APP,
+        "pyproject.toml": pyproject(app_name, cfg, out, REPLY_TIMEOUT),
+        CONNECTION: connection(app_name, superlink, root_certificates),
+        "README.md": readme(app_name, cfg, superlink),
+    }
+    check_out(out, list(files), overwrite=overwrite)
+    outputs.prepare_dir(out)
+    write_export(out, {k: v.encode() if isinstance(v, str) else v for k, v in files.items()})
     return out
 
 
-def save_partition(path: Path, parts: list[np.ndarray]) -> None:
-    """Client i's training rows under key ``client_<i>`` (np.load reads them back; no pickle)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{f"client_{i}": np.asarray(p, dtype=np.int64) for i, p in enumerate(parts)})
-    tmp.replace(path)
+def check_superlink(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--superlink '{address}': expected HOST:PORT (e.g. {DEFAULT_SUPERLINK})")
+
+
+def check_certificate(path: Path) -> None:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--root-certificates '{path}': cannot be read ({exc.strerror or type(exc).__name__})") \
+            from None
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise ConfigError(f"--root-certificates '{path}': not a PEM certificate (no BEGIN CERTIFICATE line)")
+
+
+def partition_bytes(parts: list[np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{f"client_{i}": np.asarray(p, dtype=np.int64) for i, p in enumerate(parts)})
+    return buf.getvalue()
 
 
 def load_partition(path: Path) -> dict[int, np.ndarray]:
@@ -91,114 +125,3 @@ def load_partition(path: Path) -> dict[int, np.ndarray]:
 def _project_name(out: Path) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", out.resolve().name.lower()).strip("-")
     return slug if slug and slug[0].isalpha() else f"fedgap-{slug or 'app'}"
-
-
-def pyproject(name: str, cfg: Config, out: Path) -> str:
-    from fedgap import __version__
-
-    return f'''[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "{name}"
-version = "1.0.0"
-description = "fedgap experiment exported to Flower: {cfg.server.algorithm} on {cfg.data.name} ({cfg.data.partition})"
-license = "MIT"
-dependencies = [
-    "{FLWR_REQUIREMENT}",
-    "fedgap>={__version__}",  # the client update, aggregation and evaluation are fedgap's own code
-]
-
-[tool.hatch.build.targets.wheel]
-packages = ["{PACKAGE}"]
-
-[tool.flwr.app]
-publisher = "fedgap"
-
-[tool.flwr.app.components]
-serverapp = "{PACKAGE}.server_app:app"
-clientapp = "{PACKAGE}.client_app:app"
-
-[tool.flwr.app.config]
-# Absolute paths written by `fedgap export flower`: `flwr run` installs the app elsewhere, and a Flower app
-# bundle carries no .npz file. Empty values mean: beside the app package.
-config-file = "{(out / 'config.yaml').resolve()}"
-partition-file = "{(out / 'partition.npz').resolve()}"
-out-dir = ""  # where the ServerApp writes metrics.csv and summary.json (default: <app>/flower-run)
-node-wait-seconds = 120
-'''
-
-
-def readme(name: str, cfg: Config) -> str:
-    return f"""# {name}
-
-A fedgap experiment ({cfg.server.algorithm}: client objective `{cfg.client.objective}`, server optimizer
-`{cfg.server.optimizer}`, norm policy `{cfg.model.norm_policy}`; {cfg.server.rounds} rounds,
-{cfg.server.clients_per_round} of {cfg.data.num_clients} clients per round) as a Flower app, written by
-`fedgap export flower`.
-
-- `config.yaml`: the resolved fedgap config (`fedgap run config.yaml` runs the same experiment in fedgap).
-- `partition.npz`: client id -> training rows; SuperNode `partition-id=i` is fedgap's client i.
-- `{PACKAGE}/client_app.py`, `{PACKAGE}/server_app.py`: Flower wiring around `fedgap.export.flower_app`.
-
-Each round the ServerApp trains exactly the clients fedgap samples for that round, aggregates with fedgap's
-server optimizer and evaluates the global model on the test set; it writes `flower-run/metrics.csv` and
-`flower-run/summary.json`. It needs {cfg.data.num_clients} SuperNodes, one per fedgap client: in Flower's
-simulation engine `flwr.simulation.run_simulation(server_app, client_app, num_supernodes={cfg.data.num_clients})`
-(partition ids 0..{cfg.data.num_clients - 1} are assigned there), in a deployment one SuperNode per client
-started with `--node-config "partition-id=I num-partitions={cfg.data.num_clients}"`. See fedgap's `docs/flower.md`.
-"""
-
-
-_APP_DIR = "APP_DIR = Path(__file__).resolve().parents[1]  # config.yaml and partition.npz are here\n"
-
-CLIENT_APP = f'''"""ClientApp: one fedgap client per SuperNode (node config `partition-id` = fedgap client id).
-
-Training is fedgap's `local_update` on this client's rows of `partition.npz`; state the client keeps across
-rounds (SCAFFOLD control variates, FedBN norm layers) lives in `context.state`.
-"""
-
-from pathlib import Path
-
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-
-from fedgap.export.flower_app import client_query, client_train
-
-{_APP_DIR}
-app = ClientApp()
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return client_train(msg, context, APP_DIR)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """The server asks each node which fedgap client it is, to send it that client's rounds."""
-    return client_query(msg, context)
-'''
-
-SERVER_APP = f'''"""ServerApp: fedgap's round loop as a Flower strategy (`fedgap.export.flower_app.FedgapStrategy`).
-
-Each round it trains the clients fedgap's `sample_clients(seed, round, num_clients, k)` picks, aggregates
-their models with fedgap's server optimizer and norm policy, and evaluates the global model on the test set.
-"""
-
-from pathlib import Path
-
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
-from fedgap.export.flower_app import run_server
-
-{_APP_DIR}
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    run_server(grid, context, APP_DIR)
-'''

@@ -38,6 +38,7 @@ from fedgap.engines.results import ClientFailure, RoundOutput
 from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
 from fedgap.export.flower import load_partition
+from fedgap.export.flower_files import REPLY_TIMEOUT
 from fedgap.fl.client import ClientResult, ClientTask, RoundContext, local_update
 from fedgap.fl.state import State
 
@@ -139,15 +140,17 @@ class FedgapStrategy(Strategy):
     """fedgap's round loop, one Flower round at a time (see the module docstring), through the loop's public
     round API: ``plan_round`` when Flower asks which clients train, ``finish_round`` with their replies."""
 
-    def __init__(self, cfg, out: Path | None = None, node_wait_seconds: float = 120.0):
+    def __init__(self, cfg, out: Path | None = None, node_wait_seconds: float = 120.0,
+                 reply_timeout_seconds: float = REPLY_TIMEOUT):
         from fedgap.experiment.loop import Experiment
 
         self.exp = Experiment(cfg, None, show_progress=False, label="flower")
         self.exp.engine.start()  # fedgap's engine only evaluates here, in this process
-        self.out, self.node_wait = out, node_wait_seconds
+        self.out, self.node_wait, self.reply_timeout = out, node_wait_seconds, reply_timeout_seconds
         self.nodes: dict[int, int] = {}
         self.plan = None
         self.unreachable: list[int] = []
+        self.sent: dict[str, int] = {}  # this round's train messages: message id -> fedgap client id
 
     def summary(self) -> None:
         c = self.exp.cfg
@@ -163,12 +166,16 @@ class FedgapStrategy(Strategy):
         if self.plan.round != server_round:
             raise FedgapError(f"Flower asked for round {server_round}, fedgap's next round is {self.plan.round}")
         sampled = [t.client_id for t in self.plan.tasks]
-        self.unreachable = [c for c in sampled if c not in self.nodes]
+        # a node the SuperLink no longer lists as online (lost, stopped) is not sent anything: it counts as failed
+        online = set(grid.get_node_ids())
+        self.unreachable = [c for c in sampled if self.nodes.get(c) not in online]
         payload = to_record(self.plan.context.payload)
-        return [Message(RecordDict({"arrays": arrays, "payload": payload,
-                                    "config": ConfigRecord({"server-round": server_round, "client-id": c})}),
-                        dst_node_id=self.nodes[c], message_type=MessageType.TRAIN)
-                for c in sampled if c in self.nodes]
+        messages = [Message(RecordDict({"arrays": arrays, "payload": payload,
+                                        "config": ConfigRecord({"server-round": server_round, "client-id": c})}),
+                            dst_node_id=self.nodes[c], message_type=MessageType.TRAIN)
+                    for c in sampled if c not in self.unreachable]
+        self.sent = {m.object_id: int(m.content["config"]["client-id"]) for m in messages}
+        return messages
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         exp, cfg = self.exp, self.exp.cfg
@@ -177,13 +184,22 @@ class FedgapStrategy(Strategy):
         errors = [m.error.reason for m in replies if m.has_error()]
         for reason in errors:
             log.warning("round %d: a client failed: %s", server_round, reason)
+        silent = sorted(set(self.sent.values()) - {self.sent.get(m.metadata.reply_to_message_id) for m in replies})
+        if silent:
+            log.warning("round %d: clients %s did not reply within %g s", server_round, silent, self.reply_timeout)
+        if self.unreachable:
+            log.warning("round %d: clients %s are on no online SuperNode", server_round, self.unreachable)
         if len(results) < cfg.server.min_clients:
             first = f" (first client error: {errors[0]})" if errors else \
-                f" ({len(replies)} replies, {len(self.unreachable)} sampled clients on no known node)"
+                f" ({len(silent)} did not reply within {self.reply_timeout:g} s, {len(self.unreachable)} on no " \
+                f"online SuperNode)"
             raise FedgapError(f"round {server_round}: {len(results)} clients replied, fewer than "
                               f"server.min_clients={cfg.server.min_clients}{first}")
-        failures = [ClientFailure(-1, reason) for reason in errors] + \
-            [ClientFailure(c, "no SuperNode holds this client") for c in self.unreachable]
+        # sampled clients without a result: an error reply, no reply within the timeout, or no online node
+        failures = [ClientFailure(self.sent.get(m.metadata.reply_to_message_id, -1), m.error.reason)
+                    for m in replies if m.has_error()]
+        failures += [ClientFailure(c, f"no reply within {self.reply_timeout:g} s") for c in silent]
+        failures += [ClientFailure(c, "on no online SuperNode") for c in self.unreachable]
         row = exp.finish_round(self.plan, RoundOutput(results, failures))  # the loop's own round: one copy
         if self.out is not None:
             outputs.write_metrics(self.out / outputs.METRICS, exp.rows)
@@ -228,7 +244,11 @@ def run_server(grid: Grid, context: Context, app_dir: Path) -> dict[str, Any]:
     out = Path(str(context.run_config.get("out-dir") or app_dir / "flower-run"))
     outputs.prepare_dir(out)
     outputs.atomic_write_text(out / outputs.CONFIG, config_file.read_text())
-    strategy = FedgapStrategy(cfg, out, float(context.run_config.get("node-wait-seconds", 120)))
+    rc = context.run_config
+    strategy = FedgapStrategy(cfg, out, float(rc.get("node-wait-seconds", 120)),
+                              float(rc.get("reply-timeout-seconds", REPLY_TIMEOUT)))
+    # a bounded wait for each round's replies: a lost SuperNode costs at most this, never a hang
     strategy.start(grid, to_record(strategy.exp.server.model), num_rounds=cfg.server.rounds,
+                   timeout=strategy.reply_timeout,
                    evaluate_fn=strategy.evaluate)
     return strategy.finish()

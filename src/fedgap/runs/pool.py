@@ -31,9 +31,6 @@ from fedgap.runs.records import RunRecord, RunSpec, load_record
 from fedgap.runtime import die_with_parent
 from fedgap.track.command import track_cached
 
-
-
-
 # ------------------------------------------------------------------------------------------------- workers
 _progress_queue: Any = None
 
