@@ -42,13 +42,14 @@ from fedgap.experiment import outputs
 from fedgap.experiment.stopping import StopAtTarget, StopOnDivergence
 from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
 from fedgap.fl.averaging import as_model, average_update
+from fedgap.fl.batchnorm import batchnorm_layers
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
 from fedgap.fl.evaluate import evaluate, label_matched_subset
 from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.server import make_server_optimizer, server_lr
 from fedgap.fl.state import State, clone
 from fedgap.models import build_model
-from fedgap.models.norm import batchnorm_modules, float_norm_keys
+from fedgap.models.norm import float_norm_keys
 from fedgap.progress import RunProgress
 
 CHECKPOINT_FORMAT = 1
@@ -142,7 +143,8 @@ class Experiment:
             self._lock = outputs.prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         model = initial_model(cfg, self.data)
         self.param_keys = [k for k, _ in model.named_parameters()]
-        self.bn_layers = list(batchnorm_modules(model))
+        self.batchnorms = list(batchnorm_layers(model).values())  # what recalibration writes (keys, conventions)
+        self.bn_layers = [bn.name for bn in self.batchnorms]
         self.norm_keys = float_norm_keys(model)
         # What the server optimizer steps. Under the local policy (FedBN) the global norm layers only serve the
         # global model's evaluation and are their clients' weighted mean, like the running statistics.
@@ -233,7 +235,7 @@ class Experiment:
         self.state = self._aggregate(output.results)
         parts = [self.parts[res.client_id] for res in output.results]
         self.state = self.norm_policy.after_aggregation(
-            self.state, lambda st, layer: self.engine.layer_moments(st, layer, parts), self.bn_layers)
+            self.state, lambda st, layer: self.engine.layer_moments(st, layer, parts), self.batchnorms)
         self.update_average(r)
 
         # A non-finite weight never recovers: stop here (evaluated, so the row shows it) instead of spending
