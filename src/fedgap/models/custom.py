@@ -2,8 +2,10 @@
 
 ``factory(num_classes, in_channels, image_size, **model.kwargs)`` must return an ``nn.Module`` mapping a batch
 [N, in_channels, H, W] to logits [N, num_classes], or a ``keras.Model`` (Keras 3; fedgap sets the torch backend
-before importing the user's code and adapts the model, ``fedgap.models.keras_adapter``). Every process that builds the model (the main one, parallel
-workers whether forked or spawned, Ray actors) resolves the path itself, so nothing about the model has to be
+before importing the user's code and adapts the model, ``fedgap.models.keras_adapter``).
+
+Every process that builds the model (the main one, parallel workers whether forked or spawned, Ray actors)
+resolves the path itself, so nothing about the model has to be
 pickled; a file is imported under a name derived from its absolute path and registered in ``sys.modules``, so
 classes defined in it pickle and unpickle within a process tree that imported it.
 

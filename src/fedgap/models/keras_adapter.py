@@ -257,9 +257,10 @@ def adapt(model, name: str, num_classes: int, in_channels: int, image_size: tupl
 
 
 def _check_input(model, name: str, shape: tuple[int, ...], channels_last: bool) -> None:
-    if not model.built:
+    if not model.built:  # a Sequential without an Input, a subclassed model: built by a first call
         try:
-            model.build((None, *shape))
+            with torch.no_grad():
+                model(torch.zeros(1, *shape), training=False)
         except Exception as exc:
             raise ConfigError(f"model.name: {name} cannot be built for inputs {shape}: {type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]}") from None
