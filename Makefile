@@ -10,7 +10,8 @@ OUT    ?= runs/doctor
 
 # Re-installs only when pyproject.toml or this Makefile (its install lines) changed since the last install.
 # `make run` needs only fedgap and its dependencies (half the install time of the extras); the test, bench and
-# lint targets add the dev tools and the optional integrations (Ray, TensorBoard, MLflow) on top.
+# lint targets add the dev tools and the optional integrations (Ray, TensorBoard, MLflow, Keras) on top;
+# test-slow adds JAX (to open an exported Keras file under another backend).
 $(CORE): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
@@ -18,7 +19,7 @@ $(CORE): pyproject.toml Makefile
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(PY) -m pip install --quiet -e '.[dev,ray,tensorboard,mlflow]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,tensorboard,mlflow,keras]'
 	touch $(STAMP)
 
 install-core: $(CORE)
@@ -32,6 +33,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-slow: install
+	$(PY) -m pip install --quiet -e '.[jax]'
 	$(PY) -m pytest -q -m slow
 
 bench: install
