@@ -67,8 +67,9 @@ def test_one_round_of_local_update_is_the_same_model_in_keras_and_torch():
     by at most sum_t 0.1 (1 + 0.9 + ... ) <= 8 x 0.1 x 10 = 8 gradient-sized amounts, so the models may differ by
     about 1e-6 in the worst case; 1e-6 absolute is asserted (measured: 2e-8 for weights, 1.2e-7 for the moving
     variance). A wrong padding, momentum or variance convention differs by 1e-3 or more."""
-    floatx = keras.config.floatx()
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # the global policy, fixed by the first layer ever built, follows floatx
     try:
         with keras_build_scope(0):
             k = keras_net()
@@ -76,6 +77,7 @@ def test_one_round_of_local_update_is_the_same_model_in_keras_and_torch():
         twin = torch_twin(k)
     finally:
         keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, SIZE, SIZE, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (16,), generator=gen)
