@@ -159,3 +159,14 @@ def test_the_exported_file_opens_under_jax(keras_run, tiny_idx, tmp_path):
     theirs = np.load(tmp_path / "p.npy")
     ours = keras.ops.convert_to_numpy(keras.models.load_model(out)(x, training=False))
     assert np.allclose(theirs, ours, atol=1e-5)  # float32 on both backends: a few ulps of probabilities
+
+
+@pytest.mark.slow
+def test_the_ray_engine_equals_the_sequential_one(tiny_idx):
+    """Ray actors build the Keras model from the config themselves; one thread each, as the sequential run."""
+    pytest.importorskip("ray")
+    args = seed_style(tiny_idx)
+    seq = quiet(args)
+    ray = quiet([*args, "engine.name=ray", "engine.address=local"])
+    assert all(torch.equal(seq.state[k], ray.state[k]) for k in seq.state)
+    assert [r["test_accuracy"] for r in seq.rows] == [r["test_accuracy"] for r in ray.rows]
