@@ -24,6 +24,7 @@ from conftest import cli, cli_subprocess, tiny_args  # noqa: E402
 from fedgap.config import load_config  # noqa: E402
 from fedgap.data.datasets import load_dataset  # noqa: E402
 from fedgap.experiment.loop import Experiment  # noqa: E402
+from fedgap.experiment.outputs import read_metrics  # noqa: E402
 from keras_models import SEED_STYLE  # noqa: E402
 
 
@@ -100,7 +101,7 @@ def test_export_keras_refuses_a_torch_model(tiny_idx, tmp_path, capsys):
 
 def test_doctor_quick_on_the_keras_model(tiny_idx, tmp_path):
     out = tmp_path / "doctor"
-    remedies = ["groupnorm", "fedbn", "recalibrate", "logit_adjust"]
+    remedies = ["groupnorm", "fedbn"]  # the Keras model rebuilt with GroupNormalization; FedBN on its BatchNorm
     done = cli_subprocess("doctor", *seed_style(tiny_idx), "--out", str(out), "--remedies", ",".join(remedies),
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -110,6 +111,10 @@ def test_doctor_quick_on_the_keras_model(tiny_idx, tmp_path):
     assert all(r["final_test_accuracy"] for r in rows.values())  # every run finished
     recommended = load_config(out / "recommended.yaml")
     assert recommended.model.name == SEED_STYLE
+    # the naive run's diagnostics read the Keras model's BatchNorm layers (statistics distance, batch-statistics mode)
+    (naive,) = (out / "runs").glob("naive-s0-*")
+    last = read_metrics(naive / "metrics.csv")[-1]
+    assert float(last["train_mode_accuracy"]) >= 0 and float(last["bn_divergence[batch_normalization_4]"]) > 0
 
 
 def quiet(args: list[str], out=None, **kwargs) -> Experiment:
