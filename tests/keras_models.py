@@ -39,6 +39,14 @@ def logits(num_classes, in_channels, image_size):
     return keras.Model(inputs, layers.Dense(num_classes)(x))
 
 
+def any_layout(num_classes, in_channels, image_size):
+    """Built for keras.config.image_data_format(), whichever it is."""
+    first = keras.config.image_data_format() == "channels_first"
+    inputs = keras.Input(shape=(in_channels, *image_size) if first else (*image_size, in_channels))
+    x = layers.Conv2D(2, 3, padding="same")(inputs)
+    return keras.Model(inputs, layers.Dense(num_classes)(layers.GlobalAveragePooling2D()(x)))
+
+
 def raises(num_classes, in_channels, image_size):
     raise RuntimeError("weights missing")
 

@@ -20,7 +20,7 @@ from fedgap.fl.batchnorm import batchnorm_layers  # noqa: E402
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext, local_update  # noqa: E402
 from fedgap.fl.evaluate import evaluate  # noqa: E402
 from fedgap.models import build_model, build_model_reported  # noqa: E402
-from fedgap.models.keras_adapter import KerasModel  # noqa: E402
+from fedgap.models.keras_adapter import KerasModel, adapt  # noqa: E402
 from fedgap.models.norm import float_norm_keys  # noqa: E402
 from keras_models import SEED_STYLE, factories  # noqa: E402
 
@@ -89,6 +89,23 @@ def test_channels_last_input_and_the_training_flag(nets):
         before = model.state_dict()["batch_normalization.moving_mean"].clone()
         model(x)
     assert not torch.equal(before, model.state_dict()["batch_normalization.moving_mean"])  # training=True
+
+
+def test_channels_first_models_get_the_batch_as_it_is(nets):
+    layout = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model, _ = build(f"{nets}:any_layout")
+        x = torch.randn(3, *MNIST)
+        model.eval()
+        assert not model.channels_last and torch.equal(model(x), model.keras_model(x, training=False))
+        inputs = keras.Input(shape=(1, 28, 28))  # a channels-first model for one channel, given RGB images
+        one_channel = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+        with pytest.raises(ConfigError, match=r"expects inputs of shape \(1, 28, 28\) \(channels, height, width\), "
+                                              r"the data set's images are \(3, 28, 28\)"):
+            adapt(one_channel, "cf", 10, 3, (28, 28), "batch", 8)
+    finally:
+        keras.config.set_image_data_format(layout)
 
 
 def test_train_mode_evaluation_uses_batch_statistics_and_restores_the_state(nets, mnist):

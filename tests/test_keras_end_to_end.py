@@ -175,3 +175,16 @@ def test_the_ray_engine_equals_the_sequential_one(tiny_idx):
     ray = quiet([*args, "engine.name=ray", "engine.address=local"])
     assert all(torch.equal(seq.state[k], ray.state[k]) for k in seq.state)
     assert [r["test_accuracy"] for r in seq.rows] == [r["test_accuracy"] for r in ray.rows]
+
+
+@pytest.mark.slow
+def test_keras_imported_with_jax_first_is_one_line(tiny_idx, tmp_path):
+    """A process that imported Keras on JAX before fedgap: fedgap cannot switch it and says so in one line."""
+    pytest.importorskip("jax")
+    script = ("import sys, keras; from fedgap.cli import main; main(sys.argv[1:])")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "FEDGAP_NO_DOWNLOAD": "1"}
+    done = subprocess.run([sys.executable, "-c", script, "run", *seed_style(tiny_idx), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "fedgap: error: model.name: Keras was imported with the jax backend before fedgap could set "
+        "KERAS_BACKEND=torch; set KERAS_BACKEND=torch before importing keras"], done.stderr[-2000:]
