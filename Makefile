@@ -13,7 +13,8 @@ SIM_STAMP := $(SIM_VENV)/.installed-stamp
 
 # Re-installs only when pyproject.toml or this Makefile (its install lines) changed since the last install.
 # `make run` needs only fedgap and its dependencies (half the install time of the extras); the test, bench and
-# lint targets add the dev tools and the optional integrations (Ray, TensorBoard, MLflow) on top.
+# lint targets add the dev tools and the optional integrations (Ray, TensorBoard, MLflow, Keras) on top;
+# test-slow adds JAX (to open an exported Keras file under another backend).
 $(CORE): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
@@ -21,7 +22,7 @@ $(CORE): pyproject.toml Makefile
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(PY) -m pip install --quiet -e '.[dev,ray,tensorboard,mlflow,flower]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,tensorboard,mlflow,flower,keras]'
 	touch $(STAMP)
 
 # Flower's simulation engine pins an older Ray than the ray extra: its test gets an environment of its own.
@@ -42,6 +43,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-slow: install
+	$(PY) -m pip install --quiet -e '.[jax]'
 	$(PY) -m pytest -q -m slow
 
 # The exported Flower app on Flower's two runtimes (docs/flower.md): a SuperLink and SuperNodes on loopback

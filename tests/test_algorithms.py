@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from fedgap.config import load_config
 from fedgap.experiment.loop import Experiment, initial_model
+from fedgap.fl.batchnorm import batchnorm_layers
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, epoch_orders, local_update
 from fedgap.fl.normpolicy import layer_input_moments, recalibrate
 from fedgap.models import build_model
-from fedgap.models.norm import batchnorm_modules
 
 
 def float_state(model):
@@ -132,33 +132,32 @@ def test_recalibration_equals_central_statistics_over_the_union(mnist):
     torch.manual_seed(0)
     model = build_model(cfg.model)
     with torch.no_grad():  # make the running statistics deliberately wrong
-        for bn in batchnorm_modules(model).values():
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
+        for bn in batchnorm_layers(model).values():
+            bn.module.running_mean.uniform_(-1, 1)
+            bn.module.running_var.uniform_(0.5, 2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     clients = [mnist.train_x[:300], mnist.train_x[5000:5123], mnist.train_x[40000:40777]]
-    layers = list(batchnorm_modules(model))
+    layers = list(batchnorm_layers(model).values())
     fed = recalibrate(state, layers, lambda st, layer: [layer_input_moments(model, st, x, layer, batch_size=128)
                                                        for x in clients])
-    # Central reference: the union as one batch, torch's own biased variance, layer by layer.
+    # Central reference: the union as one batch, layer by layer, in torch's own convention for running_var: the
+    # unbiased variance (n / (n - 1) times the biased one; here n >= 1200 x 7 x 7, so it differs by <= 1.7e-5).
     union = torch.cat(clients)
     central = dict(state)
     captured = {}
-    for layer in layers:
-        module = dict(model.named_modules())[layer]
-        handle = module.register_forward_pre_hook(lambda m, inp: captured.update(x=inp[0].double()))
+    for bn in layers:
+        handle = bn.module.register_forward_pre_hook(lambda m, inp: captured.update(x=inp[0].double()))
         model.load_state_dict(central)
         model.eval()
         with torch.no_grad():
             model(union)
         handle.remove()
         z = captured["x"]
-        central[f"{layer}.running_mean"] = z.mean(dim=(0, 2, 3)).float()
-        central[f"{layer}.running_var"] = z.var(dim=(0, 2, 3), unbiased=False).float()
-    for layer in layers:
-        for stat in ("running_mean", "running_var"):
-            key = f"{layer}.{stat}"
-            assert torch.allclose(fed[key], central[key], rtol=1e-5, atol=1e-6), key
+        central[bn.mean_key] = z.mean(dim=(0, 2, 3)).float()
+        central[bn.var_key] = z.var(dim=(0, 2, 3), unbiased=True).float()
+    for bn in layers:
+        for key in (bn.mean_key, bn.var_key):
+            assert torch.allclose(fed[key], central[key], rtol=1e-6, atol=1e-6), key
             assert not torch.allclose(fed[key], state[key])
 
 

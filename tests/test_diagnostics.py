@@ -8,10 +8,10 @@ import torch
 
 from fedgap.config import load_config
 from fedgap.experiment.diagnostics import bn_divergence, client_drift, gaussian_distance
+from fedgap.fl.batchnorm import batchnorm_layers
 from fedgap.fl.evaluate import evaluate
 from fedgap.fl.normpolicy import input_moments, layer_input_moments, recalibrate
 from fedgap.models import build_model
-from fedgap.models.norm import batchnorm_modules
 
 
 def test_gaussian_distance_closed_form():
@@ -43,7 +43,7 @@ def bn_model_and_clients(mnist):
     """A mobilenet-like with BatchNorm, and client data sets of 400 images: only 0s, only 1s, and two IID."""
     torch.manual_seed(0)
     model = build_model(load_config().model)
-    layers = list(batchnorm_modules(model))
+    layers = list(batchnorm_layers(model))
     y = mnist.train_y
     zeros = mnist.train_x[torch.nonzero(y == 0).flatten()[:400]]
     ones = mnist.train_x[torch.nonzero(y == 1).flatten()[:400]]
@@ -55,14 +55,16 @@ def bn_model_and_clients(mnist):
 def recalibrated(model, layers, clients):
     """Running statistics set to the exact population statistics of the clients' pooled data."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    return recalibrate(state, layers, lambda st, layer: [layer_input_moments(model, st, x, layer) for x in clients])
+    bns = batchnorm_layers(model)
+    return recalibrate(state, [bns[name] for name in layers],
+                       lambda st, layer: [layer_input_moments(model, st, x, layer) for x in clients])
 
 
 def test_identical_clients_have_zero_bn_divergence(bn_model_and_clients):
     model, layers, zeros, _, _ = bn_model_and_clients
     state = recalibrated(model, layers, [zeros, zeros])
     moments = [input_moments(model, state, zeros, layers) for _ in range(2)]
-    div = bn_divergence(moments, state)
+    div = bn_divergence(moments, state, batchnorm_layers(model))
     for part in (div.divergence, div.running_error, div.client_spread):
         assert set(part) == set(layers)
         assert max(part.values()) < 1e-3
@@ -76,7 +78,7 @@ def test_disjoint_label_sets_have_large_bn_divergence(bn_model_and_clients):
 
     def spread(clients):
         state = recalibrated(model, layers, clients)
-        div = bn_divergence([input_moments(model, state, x, layers) for x in clients], state)
+        div = bn_divergence([input_moments(model, state, x, layers) for x in clients], state, batchnorm_layers(model))
         return div, state
 
     disjoint, state = spread([zeros, ones])
@@ -91,7 +93,7 @@ def test_disjoint_label_sets_have_large_bn_divergence(bn_model_and_clients):
     # running statistics of one client's data only: the pooled data are far from them
     only_zeros = recalibrated(model, layers, [zeros])
     moments = [input_moments(model, only_zeros, x, layers) for x in (zeros, ones)]
-    assert bn_divergence(moments, only_zeros).means()["bn_running_error"] > 0.05
+    assert bn_divergence(moments, only_zeros, batchnorm_layers(model)).means()["bn_running_error"] > 0.05
 
 
 def test_train_mode_evaluation_touches_only_batchnorm(mnist):

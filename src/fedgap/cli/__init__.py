@@ -118,8 +118,8 @@ def partition(args, plot, as_json):
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [OVERRIDES]...")
 def model_info(args):
     """Build the config's model for its data set and show what was found and replaced (model.norm on your own
-    model's BatchNorm layers), its parameters, its multiply-accumulates per image and whether the vectorized
-    engine can batch it."""
+    model's BatchNorm layers), each BatchNorm layer's momentum and eps, its parameters, its multiply-accumulates
+    per image and whether the vectorized engine can batch it."""
     from fedgap.engines.cohort_model import CohortModel
     from fedgap.errors import ConfigError
     from fedgap.models.info import model_info as describe_model
@@ -135,6 +135,13 @@ def model_info(args):
     if not info.norm_rows:
         table.add_row("-", "no norm layers", "-")
     out_console.print(table)
+    if info.batchnorm_rows:
+        bn_table = Table("layer", "momentum", "eps", "running variance", title_justify="left",
+                         title="BatchNorm layers (momentum: weight of the new batch statistics, torch's convention)")
+        for row in info.batchnorm_rows:
+            bn_table.add_row(row.layer, "cumulative" if row.momentum is None else f"{row.momentum:.6g}",
+                             f"{row.eps:.6g}", row.variance)
+        out_console.print(bn_table)
     try:
         CohortModel(model)
         vectorized = "can batch this model"
@@ -147,6 +154,8 @@ def model_info(args):
     summary.add_row("parameters", f"{info.parameters:,}")
     summary.add_row("MACs per image (conv + linear)", f"{info.macs_per_image:,}")
     summary.add_row("engine.name=vectorized", vectorized)
+    for note in info.notes:
+        summary.add_row("note", note)
     out_console.print(summary)
 
 

@@ -18,6 +18,7 @@ def export() -> None:
 
     \b
     fedgap export flower CONFIG --out DIR   a Flower app (flwr 1.42) running the same experiment
+    fedgap export keras RUN_DIR --out FILE  a run's trained Keras model as a .keras file
     """
 
 
@@ -51,3 +52,24 @@ def flower(args, out, name, superlink, root_certificates, overwrite):
     err_console.print(f"Flower app written to {out}: {cfg.data.num_clients} SuperNodes (partition-id 0.."
                       f"{cfg.data.num_clients - 1}), {cfg.server.rounds} rounds; see {out / 'README.md'}",
                       highlight=False, soft_wrap=True)
+
+
+@export.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .keras file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def keras(run_dir, out, overwrite):
+    """Write the trained global model of the run in RUN_DIR (a `fedgap run --out` folder whose model.name is a
+    Keras factory) as a .keras file that keras.models.load_model opens under any backend: the checkpoint's
+    model, or its running average under server.average, with its final softmax back on. Its inputs are
+    standardized as in the run (printed); see docs/keras.md.
+    """
+    from fedgap.cli.console import err_console
+    from fedgap.export.keras import export_keras
+
+    done = export_keras(run_dir, out, overwrite=overwrite)
+    fmt = lambda values: ", ".join(f"{v:.4f}" for v in values)  # noqa: E731
+    what = "the running average of the round models" if done.averaged else "the global model"
+    err_console.print(f"Keras model written to {done.path}: {what} after {done.rounds} rounds; inputs are "
+                      f"standardized per channel as in the run: (x - mean) / std with mean ({fmt(done.mean)}) and "
+                      f"std ({fmt(done.std)}), 8-bit images first scaled to [0, 1]", highlight=False, soft_wrap=True)

@@ -73,6 +73,10 @@ class ModelConfig(_Section):
     groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every normalized channel count)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
     width: float = Field(1.0, gt=0, le=4, description="channel multiplier (mobilenet-v1/v2)")
+    bn_momentum: float | None = Field(None, gt=0, le=1, description=(
+        "every BatchNorm layer's momentum in torch's convention (weight of the new batch statistics; Keras' "
+        "momentum=0.99 is 0.01 here); none = the model's own"))
+    bn_eps: float | None = Field(None, gt=0, description="every BatchNorm layer's eps; none = the model's own")
 
     @field_validator("name")
     @classmethod

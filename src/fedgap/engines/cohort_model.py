@@ -38,6 +38,7 @@ from torch import nn
 
 from fedgap.engines.masked_norm import masked_batch_norm
 from fedgap.errors import ConfigError
+from fedgap.models.keras_adapter import KerasModel
 
 # Per-sample modules that run unchanged on the [B, A*C, H, W] layout.
 PER_SAMPLE = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
@@ -57,6 +58,9 @@ class StepRows:
 class CohortModel:
     def __init__(self, model: nn.Module, channels_last: bool = True):
         self.channels_last = channels_last
+        if isinstance(model, KerasModel):
+            raise ConfigError("engine.name: vectorized cannot batch a Keras model (torch.fx cannot trace Keras "
+                              "layers); use engine.name=sequential, parallel or ray")
         try:
             self.graph = fx.symbolic_trace(model)
         except Exception as exc:

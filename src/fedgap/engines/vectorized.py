@@ -48,11 +48,17 @@ from fedgap.fl.client import (
 )
 from fedgap.fl.objectives import ClientSetup
 from fedgap.models import build_model
+from fedgap.models.keras_adapter import KerasModel
 from fedgap.runtime import tune_allocator
 
 
 class VectorizedEngine(Engine):
     name = "vectorized"
+
+    def __init__(self, cfg, data, hp):
+        super().__init__(cfg, data, hp)
+        if isinstance(self.local.model, KerasModel):  # refused before the run writes a file
+            CohortModel(self.local.model)
 
     def start(self) -> None:
         tune_allocator()

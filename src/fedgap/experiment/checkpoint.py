@@ -40,15 +40,30 @@ def save(out: Path, cfg: Config, round_: int, server: ServerState, rows: list[di
 
 
 def load(out: Path, cfg: Config) -> Saved:
+    """The checkpoint in run folder ``out``, for resuming it with ``cfg`` (which must match the run's)."""
     path = out / outputs.CHECKPOINT
-    ckpt = outputs.load_checkpoint(path)
-    if ckpt.get("format") not in (1, FORMAT):
-        raise FedgapError(f"checkpoint '{path}': written by another fedgap version")
+    ckpt = _read(path)
     if ckpt["resume_hash"] != resume_hash(cfg):
         raise FedgapError(
             f"--resume: the config differs from the one of the run in '{out}' (only server.rounds, "
             f"eval.every, engine.* and checkpoint.* may change); start a new --out instead"
         )
+    return _saved(ckpt)
+
+
+def read(path: Path) -> Saved:
+    """A checkpoint as it is (to export its model, say), whatever config would resume it."""
+    return _saved(_read(path))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    ckpt = outputs.load_checkpoint(path)
+    if ckpt.get("format") not in (1, FORMAT):
+        raise FedgapError(f"checkpoint '{path}': written by another fedgap version")
+    return ckpt
+
+
+def _saved(ckpt: dict[str, Any]) -> Saved:
     if ckpt["format"] == 1:  # the server state as separate entries; "average" absent before server.average
         server = ServerState(ckpt["state"], ckpt["server_state"], ckpt["objective_state"], ckpt["client_store"],
                              ckpt.get("average"))

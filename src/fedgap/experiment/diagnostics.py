@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fedgap.callbacks import RoundCallback
+from fedgap.fl.batchnorm import BatchNormLayer, batchnorm_layers
 from fedgap.fl.evaluate import fixed_shape_batches, label_matched_accuracy
 from fedgap.fl.normpolicy import Moments, input_moments, sum_moments
 
@@ -63,14 +64,15 @@ class BNDivergence:
                 "bn_client_spread": mean(self.client_spread)}
 
 
-def bn_divergence(clients: Sequence[Mapping[str, Moments]], state: Mapping[str, torch.Tensor]) -> BNDivergence:
-    """Divergence of clients' BatchNorm input statistics from the running statistics in ``state``; clients are
-    weighted by how many values they contributed (their sample counts)."""
+def bn_divergence(clients: Sequence[Mapping[str, Moments]], state: Mapping[str, torch.Tensor],
+                  bn_layers: Mapping[str, BatchNormLayer]) -> BNDivergence:
+    """Divergence of clients' BatchNorm input statistics from the running statistics in ``state`` (the layers'
+    keys from ``bn_layers``); clients are weighted by how many values they contributed (their sample counts)."""
     out = BNDivergence({}, {}, {})
     if not clients:
         return out
     for layer in clients[0]:
-        run_mean, run_var = state[f"{layer}.running_mean"], state[f"{layer}.running_var"]
+        run_mean, run_var = state[bn_layers[layer].mean_key], state[bn_layers[layer].var_key]
         moments = [c[layer] for c in clients]
         weights = np.array([m.count for m in moments], dtype=np.float64)
         weights /= weights.sum()
@@ -128,7 +130,7 @@ class Diagnostics(RoundCallback):
                 rows = exp.parts[r.client_id][: self.max_samples]
                 moments.append(input_moments(engine.model, state, data.train_x[torch.from_numpy(rows)],
                                              exp.bn_layers, batch_size=512))
-            div = bn_divergence(moments, state)
+            div = bn_divergence(moments, state, batchnorm_layers(engine.model))
             row.update(div.means())
             row.update({f"bn_divergence[{layer}]": v for layer, v in div.divergence.items()})
         train_y = data.train_y.numpy()

@@ -51,13 +51,14 @@ from fedgap.experiment.stopping import StopAtTarget, StopOnDivergence
 from fedgap.experiment.summary import run_summary
 from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
 from fedgap.fl.averaging import average_update
+from fedgap.fl.batchnorm import batchnorm_layers
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
 from fedgap.fl.evaluate import label_matched_accuracy
 from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.server import make_server_optimizer, server_lr
 from fedgap.fl.state import State, clone
 from fedgap.models import build_model
-from fedgap.models.norm import batchnorm_modules, float_norm_keys
+from fedgap.models.norm import float_norm_keys
 from fedgap.progress import RunProgress
 
 PERSONAL_TEST_SIZE = 1000
@@ -150,7 +151,8 @@ class Experiment:
         if self.out is not None:
             self._lock = outputs.prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         self.param_keys = [k for k, _ in model.named_parameters()]
-        self.bn_layers = list(batchnorm_modules(model))
+        self.batchnorms = list(batchnorm_layers(model).values())  # what recalibration writes (keys, conventions)
+        self.bn_layers = [bn.name for bn in self.batchnorms]
         self.norm_keys = float_norm_keys(model)
         # What the server optimizer steps. Under the local policy (FedBN) the global norm layers only serve the
         # global model's evaluation and are their clients' weighted mean, like the running statistics.
@@ -275,7 +277,7 @@ class Experiment:
         new = server_update(self.server, results, self.components, server_lr(self.cfg.server, round_))
         parts = [self.parts[res.client_id] for res in results]
         model = self.norm_policy.after_aggregation(
-            new.model, lambda st, layer: self.engine.layer_moments(st, layer, parts), self.bn_layers)
+            new.model, lambda st, layer: self.engine.layer_moments(st, layer, parts), self.batchnorms)
         eta = self.cfg.server.average
         return replace(new, model=model,
                        average=None if eta is None else average_update(new.average, model, eta, round_))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fedgap import seeding
+from fedgap.fl.batchnorm import batchnorm_layers
 from fedgap.fl.state import State
 
 
@@ -61,9 +62,8 @@ def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: to
     saved = {k: v.clone() for k, v in model.state_dict().items()} if train_mode else None
     model.eval()
     if train_mode:  # only BatchNorm switches to batch statistics; dropout stays off
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.train()
+        for bn in batchnorm_layers(model).values():
+            bn.module.train()
     correct = 0
     loss_sum = 0.0
     # Train mode normalizes by batch statistics, which padding would change: there, no padding (multiple 1).

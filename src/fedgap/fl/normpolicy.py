@@ -8,16 +8,18 @@
 - ``recalibrate``: after aggregation the global model's BatchNorm statistics are computed exactly, in a
   federated pass: layer by layer, each client sends per-channel counts, sums and sums of squares of that
   layer's input over its data (earlier layers already recalibrated), and the server combines them into the
-  population mean and (biased) variance over the union of the clients' data.
+  population mean and variance over the union of the clients' data, written in the layer's own convention
+  (``fedgap.fl.batchnorm``: torch keeps the unbiased variance, Keras the biased one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fedgap.fl.batchnorm import BatchNormLayer, batchnorm_layers
 from fedgap.fl.evaluate import fixed_shape_batches
 from fedgap.fl.state import State
 
@@ -50,24 +52,26 @@ class _Stop(Exception):
 @torch.inference_mode()
 def input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layers: list[str],
                   batch_size: int = 1000) -> dict[str, Moments]:
-    """Per-channel moments of the inputs of the modules ``layers`` over the images ``x``, in one eval-mode pass
-    (batches padded to a few fixed shapes, the padding rows left out of the sums)."""
+    """Per-channel moments of the inputs of the BatchNorm layers ``layers`` (names, ``batchnorm_layers``) over
+    the images ``x``, in one eval-mode pass (batches padded to a few fixed shapes, the padding rows left out of
+    the sums)."""
     model.load_state_dict(state)
     model.eval()
-    modules = dict(model.named_modules())
+    bns = batchnorm_layers(model)
     acc: dict[str, list[Moments]] = {name: [] for name in layers}
     real = [0]  # rows of the current batch that are data, not padding
     seen: set[str] = set()
 
-    def hook(name: str, inputs) -> None:
+    def hook(bn: BatchNormLayer, inputs) -> None:
         z = inputs[0][: real[0]].to(torch.float64)
-        dims = [d for d in range(z.dim()) if d != 1]
-        acc[name].append(Moments(z.numel() // z.shape[1], z.sum(dims), (z * z).sum(dims)))
-        seen.add(name)
+        axis = bn.channel_axis % z.dim()
+        dims = [d for d in range(z.dim()) if d != axis]
+        acc[bn.name].append(Moments(z.numel() // z.shape[axis], z.sum(dims), (z * z).sum(dims)))
+        seen.add(bn.name)
         if len(seen) == len(acc):
             raise _Stop
 
-    handles = [modules[name].register_forward_pre_hook(lambda _m, inputs, name=name: hook(name, inputs))
+    handles = [bns[name].module.register_forward_pre_hook(lambda _m, inputs, bn=bns[name]: hook(bn, inputs))
                for name in layers]
     try:
         for xb, real[0] in fixed_shape_batches(x, batch_size):
@@ -88,18 +92,19 @@ def layer_input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, l
     return input_moments(model, state, x, [layer], batch_size)[layer]
 
 
-def recalibrate(state: State, bn_layers: list[str],
+def recalibrate(state: State, bn_layers: Sequence[BatchNormLayer],
                 moments_of: Callable[[State, str], list[Moments]]) -> State:
     """Replace every BatchNorm layer's running statistics in ``state`` by the exact population statistics of
-    its input over the union of the clients' data. ``moments_of(state, layer)`` returns one ``Moments`` per
+    its input over the union of the clients' data: the mean, and the variance in the layer's own convention
+    (``BatchNormLayer.running_variance``). ``moments_of(state, layer name)`` returns one ``Moments`` per
     client (only these sums leave a client). Layers go in forward order, each pass seeing the earlier layers
     already recalibrated, so the result equals the statistics computed centrally over the union."""
     state = dict(state)
-    for layer in bn_layers:
-        total = sum_moments(moments_of(state, layer))
-        ref = state[f"{layer}.running_mean"]
-        state[f"{layer}.running_mean"] = total.mean.to(ref.dtype)
-        state[f"{layer}.running_var"] = total.var.to(ref.dtype)
+    for bn in bn_layers:
+        total = sum_moments(moments_of(state, bn.name))
+        ref = state[bn.mean_key]
+        state[bn.mean_key] = total.mean.to(ref.dtype)
+        state[bn.var_key] = bn.running_variance(total.var, total.count).to(ref.dtype)
     return state
 
 
@@ -122,7 +127,7 @@ class AveragePolicy:
         return {}
 
     def after_aggregation(self, state: State, moments_of: Callable[[State, str], list[Moments]],
-                          bn_layers: list[str]) -> State:
+                          bn_layers: Sequence[BatchNormLayer]) -> State:
         """The global state once the server has aggregated the round."""
         return state
 

@@ -50,7 +50,7 @@ def convert_norm(model: nn.Module, kind: str, groups: int = 8) -> list[Replaceme
     if kind == "batch":
         return []
     if kind == "group":
-        _check_groups(found, groups)
+        check_groups([(name, bn.num_features, type(bn).__name__) for name, bn in found], groups)
     done = []
     for name, bn in found:
         new = make_norm(kind, bn.num_features, groups)
@@ -65,14 +65,15 @@ def convert_norm(model: nn.Module, kind: str, groups: int = 8) -> list[Replaceme
     return done
 
 
-def _check_groups(found: list[tuple[str, nn.Module]], groups: int) -> None:
-    for name, bn in found:
-        if bn.num_features % groups:
-            common = math.gcd(*(m.num_features for _, m in found))
+def check_groups(found: list[tuple[str, int, str]], groups: int) -> None:
+    """One line naming the first BatchNorm layer (name, channels, type) whose channels ``groups`` does not divide."""
+    for name, channels, kind in found:
+        if channels % groups:
+            common = math.gcd(*(c for _, c, _ in found))
             divisors = [d for d in range(1, common + 1) if common % d == 0]
             raise ConfigError(
-                f"model.groups: {groups} does not divide the {bn.num_features} channels of layer '{name}' "
-                f"({type(bn).__name__}); divisors of every BatchNorm's channels: {', '.join(map(str, divisors))}"
+                f"model.groups: {groups} does not divide the {channels} channels of layer '{name}' "
+                f"({kind}); divisors of every BatchNorm's channels: {', '.join(map(str, divisors))}"
             )
 
 

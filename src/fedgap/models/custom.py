@@ -1,8 +1,11 @@
 """The user's own model: ``model.name=package.module:factory`` or ``model.name=path/to/file.py:factory``.
 
 ``factory(num_classes, in_channels, image_size, **model.kwargs)`` must return an ``nn.Module`` mapping a batch
-[N, in_channels, H, W] to logits [N, num_classes]. Every process that builds the model (the main one, parallel
-workers whether forked or spawned, Ray actors) resolves the path itself, so nothing about the model has to be
+[N, in_channels, H, W] to logits [N, num_classes], or a ``keras.Model`` (Keras 3; fedgap sets the torch backend
+before importing the user's code and adapts the model, ``fedgap.models.keras_adapter``).
+
+Every process that builds the model (the main one, parallel workers whether forked or spawned, Ray actors)
+resolves the path itself, so nothing about the model has to be
 pickled; a file is imported under a name derived from its absolute path and registered in ``sys.modules``, so
 classes defined in it pickle and unpickle within a process tree that imported it.
 
@@ -25,12 +28,14 @@ import torch
 from torch import nn
 
 from fedgap.errors import ConfigError
+from fedgap.models.keras_backend import is_keras_object, use_torch_backend
 from fedgap.models.registry import is_file_path, split_target
 
 
 def resolve(name: str) -> Callable[..., nn.Module]:
     """The factory function that ``name`` points at."""
     where, attr = split_target(name)
+    use_torch_backend()  # the user's code may import keras: on the torch backend
     module = _import_file(Path(where).expanduser()) if is_file_path(where) else _import_module(where)
     factory = getattr(module, attr, None)
     if factory is None:
@@ -87,14 +92,16 @@ def _import_file(path: Path):
 
 def call_factory(name: str, num_classes: int, in_channels: int, image_size: tuple[int, int],
                  kwargs: dict) -> nn.Module:
-    """The factory's model (unchecked: the caller converts its norm layers, then calls ``check_output``)."""
+    """The factory's model, a torch module or a Keras object (unchecked: the caller adapts a Keras model,
+    converts its norm layers, then calls ``check_output``)."""
     factory = resolve(name)
     try:
         model = factory(num_classes, in_channels, tuple(image_size), **kwargs)
     except Exception as exc:
         raise ConfigError(f"model.name: {name} raised {_one_line(exc)}") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name: {name} returned {type(model).__name__}, not a torch.nn.Module")
+    if not isinstance(model, nn.Module) and not is_keras_object(model):
+        raise ConfigError(f"model.name: {name} returned {type(model).__name__}, not a torch.nn.Module or a "
+                          "keras.Model")
     return model
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from fedgap.fl.batchnorm import batchnorm_layers
+
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
 
@@ -31,8 +33,13 @@ def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
 
 
 def norm_state_keys(model: nn.Module) -> set[str]:
-    """State-dict keys (weights, biases, running statistics, counters) that belong to normalization layers."""
-    keys = set()
+    """State-dict keys (weights, biases, running statistics, counters) that belong to normalization layers: every
+    BatchNorm layer's (``fedgap.fl.batchnorm``), and those of the other norm layers (GroupNorm, LayerNorm, ...;
+    a model that lists its own, the Keras adapter, returns them from ``fedgap_norm_state_keys()``)."""
+    keys = {k for bn in batchnorm_layers(model).values() for k in bn.state_keys}
+    own = getattr(model, "fedgap_norm_state_keys", None)
+    if own is not None:
+        return keys | own()
     for prefix, module in model.named_modules():
         if isinstance(module, NORM_TYPES):
             for name in module.state_dict():
@@ -46,5 +53,11 @@ def float_norm_keys(model: nn.Module) -> set[str]:
     return {k for k in norm_state_keys(model) if state[k].is_floating_point()}
 
 
-def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+def override_batchnorm(model: nn.Module, momentum: float | None, eps: float | None) -> None:
+    """``model.bn_momentum`` / ``model.bn_eps``: set every BatchNorm layer's momentum (torch's convention, the
+    weight of the new batch statistics) and eps; None keeps the model's own."""
+    for bn in batchnorm_layers(model).values():
+        if momentum is not None:
+            bn.momentum = momentum
+        if eps is not None:
+            bn.eps = eps
