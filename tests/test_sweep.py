@@ -73,3 +73,19 @@ def test_pool_runs_use_their_share_of_the_cores(tiny_idx, tmp_path, capsys):
     expected = max(1, (os.cpu_count() or 1) // 2)
     threads = [json.loads(p.read_text())["intra_op_threads"] for p in out.glob("runs/*/summary.json")]
     assert threads == [expected, expected]
+
+
+def test_a_run_left_alone_in_a_batch_keeps_the_threads_of_its_batch(tiny_idx, tmp_path, capsys):
+    """A run's float32 numbers depend on its intra-op threads, so they never depend on how many runs happened to
+    be left to run beside it (a grid extended by one point, a resumed doctor): cores // jobs, or --threads."""
+    out = tmp_path / "sweep"
+    args = ["sweep", *tiny_args(tiny_idx), "--out", str(out), "--jobs", "2", "--quiet"]
+    assert cli(*args, "model.norm=batch,group", capsys=capsys)[0] == 0
+    assert cli(*args, "model.norm=batch,group,layer", capsys=capsys)[0] == 0  # only 'layer' runs: alone
+    expected = max(1, (os.cpu_count() or 1) // 2)
+    threads = [json.loads(p.read_text())["intra_op_threads"] for p in out.glob("runs/*/summary.json")]
+    assert threads == [expected] * 3
+    assert cli("sweep", *tiny_args(tiny_idx), "model.norm=batch,group", "--out", str(tmp_path / "t3"), "--threads",
+               "3", "--quiet", capsys=capsys)[0] == 0
+    assert [json.loads(p.read_text())["intra_op_threads"] for p in (tmp_path / "t3").glob("runs/*/summary.json")] \
+        == [3, 3]

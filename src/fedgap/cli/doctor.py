@@ -51,12 +51,15 @@ def _presets_help() -> str:
               help="Folder for report.html, gap.csv, summary.json and the cached runs.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=None,
               help="Runs at once (default: one per core; 1 for the parallel and ray engines).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="Intra-op threads of each run (default: cores // jobs). A run's float32 numbers depend on it: "
+                   "resume and repeat a doctor with the same value.")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Accuracy for 'rounds to target' (default: the naive run's final accuracy).")
 @click.option("--remedies", default=None, metavar="KEY,KEY",
               help="Only these remedies (keys as in gap.csv, e.g. fedbn,logit_adjust); default: the preset's.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def doctor(args, preset, seeds, out, jobs, target, remedies, quiet):
+def doctor(args, preset, seeds, out, jobs, threads, target, remedies, quiet):
     """Measure the federated-centralized gap of your setting, explain it, and find the configuration that
     closes it.
 
@@ -71,10 +74,11 @@ def doctor(args, preset, seeds, out, jobs, target, remedies, quiet):
 
     path, overrides = split_config_args(args)
     command = _command("doctor", args, preset=preset, seeds=seeds if seeds != 1 else None, out=out,
-                       target=target, remedies=remedies)
+                       target=target, remedies=remedies, threads=threads)
     res = run_doctor(path, overrides, preset=preset, seeds=seeds, out=out, jobs=jobs, target=target,
                      show_progress=not quiet, command=command,
-                     remedies=tuple(remedies.split(",")) if remedies else None, render=write_doctor_report)
+                     remedies=tuple(remedies.split(",")) if remedies else None, render=write_doctor_report,
+                     threads=threads)
     out_console.print(gap_table(res))
     for f in res.findings:
         if f.kind in ("cause", "remedy"):

@@ -17,8 +17,10 @@ from fedgap.runs.scores import LATE_EVALS
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sweep"), show_default=True,
               help="Folder for sweep.csv, sweep.png, summary.json and the cached runs.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=None, help="Runs at once (default: one per core).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="Intra-op threads of each run (default: cores // jobs); a run's numbers depend on it.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def sweep(args, out, jobs, quiet):
+def sweep(args, out, jobs, threads, quiet):
     """Run a grid of experiments (cached and resumable like the doctor) and compare them."""
     from fedgap.report.plots import save, sweep_figure
     from fedgap.runs.sweep import ranked_by_validation, run_sweep
@@ -29,7 +31,7 @@ def sweep(args, out, jobs, quiet):
         save(sweep_figure(curves), folder / "sweep.png")
 
     path, overrides = split_config_args(args)
-    keys, rows, runs = run_sweep(path, overrides, out, jobs=jobs, show_progress=not quiet,
+    keys, rows, runs = run_sweep(path, overrides, out, jobs=jobs, threads=threads, show_progress=not quiet,
                                  command=" ".join(["fedgap", "sweep", *args]), render=plot)
     has_val = ranked_by_validation(rows)
     table = Table(title=f"fedgap sweep: {len(rows)} runs" + (", ranked by validation" if has_val else ""),

@@ -57,15 +57,16 @@ def central_epochs(naive: Config, preset: V.DoctorPreset, train_size: int, sizes
     return max(preset.central_epochs, math.ceil(1.1 * fed / train_size))
 
 
-def pool_runner(out: Path, jobs: int | None, show_progress: bool) -> RunFn:
+def pool_runner(out: Path, jobs: int | None, show_progress: bool, threads: int | None = None) -> RunFn:
     """The doctor's run function on this machine: the local pool, its runs cached under ``out``."""
-    return lambda specs, title: run_all(specs, out, jobs=jobs, title=title, show_progress=show_progress)
+    return lambda specs, title: run_all(specs, out, jobs=jobs, threads=threads, title=title,
+                                        show_progress=show_progress)
 
 
 def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "quick", seeds: int = 1,
                out: Path, jobs: int | None = None, target: float | None = None, show_progress: bool = True,
                command: str = "fedgap doctor", remedies: tuple[str, ...] | None = None,
-               render: Callable[[DoctorResult], None] | None = None) -> DoctorResult:
+               render: Callable[[DoctorResult], None] | None = None, threads: int | None = None) -> DoctorResult:
     """The doctor (module docstring). ``render`` writes the documents (report.html, gap.md) of the result, before
     a tracked doctor logs its files (the CLI passes ``fedgap.report.write_doctor_report``)."""
     t0 = time.perf_counter()
@@ -88,8 +89,8 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
     lock = outputs.RunLock(out)  # one doctor per folder; its runs have their own locks
     try:
         with CommandRun(naive, out, "doctor") as tracking:  # track.mlflow: the parent run of the variants' runs
-            result = diagnose(naive, tree, p, seeds, out, pool_runner(out, jobs, show_progress), target, command,
-                              t0)
+            result = diagnose(naive, tree, p, seeds, out, pool_runner(out, jobs, show_progress, threads), target,
+                              command, t0)
             write_outputs(result)
             if render is not None:
                 render(result)

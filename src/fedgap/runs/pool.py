@@ -5,7 +5,10 @@ one resumed, so an interrupted doctor or sweep started again finishes without re
 second call with the same settings costs nothing.
 
 Runs go to ``jobs`` worker processes with ``threads`` intra-op threads each (on a 2-core machine two 1-thread
-processes train faster than one 2-thread process). Workers die with the parent (``PR_SET_PDEATHSIG``), and
+processes train faster than one 2-thread process). The threads per run are fixed by the caller (default: cores //
+jobs), never by how many runs are left in a batch: a float32 result depends on the threads that computed it (the
+order of parallel sums), so the same run gives the same numbers whether it ran in a full batch, alone at the end
+of one, or resumed after an interruption. Workers die with the parent (``PR_SET_PDEATHSIG``), and
 every run folder is locked while it is written, so a killed doctor leaves no orphan writing behind it.
 """
 
@@ -92,8 +95,14 @@ def default_jobs(cfg: Config) -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, title: str = "runs",
-            show_progress: bool = True, on_done: Callable[[RunRecord], None] | None = None) -> list[RunRecord]:
+def default_threads(jobs: int) -> int:
+    """Intra-op threads per run when ``jobs`` runs share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, threads: int | None = None,
+            title: str = "runs", show_progress: bool = True,
+            on_done: Callable[[RunRecord], None] | None = None) -> list[RunRecord]:
     """Run every spec (reusing finished runs) and return one record per spec, in order. A run that fails is
     a record with ``error`` set; the others go on."""
     root.mkdir(parents=True, exist_ok=True)
@@ -120,8 +129,9 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, ti
             start_from_shorter(prefixes, spec, run_dir)
             todo.append((i, spec, run_dir))
     if todo:
-        jobs = min(jobs or default_jobs(specs[0].cfg), len(todo))
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        jobs = jobs or default_jobs(specs[0].cfg)
+        threads = threads or default_threads(jobs)  # per run, whatever is left in this batch (module docstring)
+        jobs = min(jobs, len(todo))
         display = Display(title, len(specs), len(specs) - len(todo), show_progress)
         try:
             if jobs == 1:

@@ -75,7 +75,7 @@ def ranked_by_validation(rows: list[dict]) -> bool:
 
 
 def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | None = None,
-              show_progress: bool = True, command: str = "fedgap sweep",
+              threads: int | None = None, show_progress: bool = True, command: str = "fedgap sweep",
               render: Callable[[Path, list], None] | None = None) -> tuple[list[str], list[dict], list]:
     """Run the grid (every point validated before anything runs), write sweep.csv and summary.json, and return
     (swept keys, one row per run, best final accuracy first, [(spec, record)]). ``render(out, runs)`` draws
@@ -95,7 +95,7 @@ def run_sweep(path: str | None, overrides: list[str], out: Path, *, jobs: int | 
     outputs.prepare_dir(out)
     common = {k: v for k, v in flat_config(specs[0].cfg).items() if k not in keys}  # the parent run's params
     with CommandRun(specs[0].cfg, out, "sweep", {**common, "sweep.keys": ",".join(keys)}) as tracking:
-        records = run_all(specs, out, jobs=jobs, title="sweep", show_progress=show_progress)
+        records = run_all(specs, out, jobs=jobs, threads=threads, title="sweep", show_progress=show_progress)
     rows = []
     for spec, point, rec in zip(specs, points, records, strict=True):
         values = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in point}
