@@ -16,7 +16,8 @@ from conftest import cli, tiny_args
 from fedgap.config import config_to_dict, load_config
 from fedgap.diagnose import combine
 from fedgap.diagnose import variants as V
-from fedgap.diagnose.diagnosis import write_diagnosis
+from fedgap.diagnose.diagnosis import _bn_settings, write_diagnosis
+from fedgap.diagnose.facts import ModelFacts
 from fedgap.diagnose.gap import GapRow, accuracy_at_samples, gap_rows, status
 from fedgap.diagnose.tuning import SearchContext, budget_rounds, successive_halving
 from fedgap.experiment.outputs import RunLock
@@ -39,11 +40,15 @@ def flat(cfg):
 
 
 # ----------------------------------------------------------------------------------------- variants
+KERAS_BN = ModelFacts((0.01,) * 5, (1e-3,) * 5)  # a Keras model's defaults: momentum=0.99 is 0.01 in torch's terms
+TORCH_BN = ModelFacts((0.1,) * 5, (1e-5,) * 5)
+
+
 def test_each_remedy_changes_only_its_own_keys():
     preset = V.PRESETS["full"]
     tree = V.base_tree(preset, None, [])
     naive = V.config_from_dict(tree)
-    searches, skipped = V.searches(naive, tree, preset)
+    searches, skipped = V.searches(naive, tree, preset, KERAS_BN)
     assert [s.remedy.key for s in searches] == [r.key for r in V.REMEDIES] and not skipped
     base = flat(naive)
     for s in searches:
@@ -77,6 +82,37 @@ def test_batchnorm_remedies_are_skipped_without_batchnorm_and_user_settings_win(
     searches, skipped = V.searches(naive, tree, preset)
     keys = {s.remedy.key for s in searches}
     assert "fedbn" not in keys and any("no BatchNorm" in s for s in skipped)
+
+
+def test_the_momentum_override_runs_only_where_the_running_statistics_lag():
+    preset = V.PRESETS["quick"]
+    tree = V.base_tree(preset, None, [])
+    naive = V.config_from_dict(tree)
+    lagging = {s.remedy.key: s for s in V.searches(naive, tree, preset, KERAS_BN)[0]}
+    assert lagging["bn_momentum"].grid == [("model.bn_momentum=0.1",), ("model.bn_momentum=0.3",)]
+    changed = flat(lagging["bn_momentum"].candidate(tree, lagging["bn_momentum"].grid[0]))
+    assert {k for k, v in changed.items() if flat(naive)[k] != v} == {"model.bn_momentum"}
+    searches, skipped = V.searches(naive, tree, preset, TORCH_BN)  # the default model: `make run` unchanged
+    assert "bn_momentum" not in {s.remedy.key for s in searches}
+    assert "BatchNorm momentum: the model's running statistics do not lag (5 BatchNorm layers, momentum 0.1, " \
+           "eps 1e-05)" in skipped
+    searches, skipped = V.searches(naive, tree, preset, ModelFacts())  # no BatchNorm at all
+    assert not {"fedbn", "bn_momentum"} & {s.remedy.key for s in searches}
+
+
+def test_the_diagnosis_names_lagging_batchnorm_settings_and_what_the_override_measured():
+    naive = GapRow("naive", "naive", "", 1, 0.50, 0, 0.5, 0, 40.0, None, 0.0, None, 0, 30, 1.0, "",
+                   final_val_accuracy=0.48)
+    override = GapRow("bn_momentum", "BatchNorm momentum", V.NORMALIZATION, 1, 0.60, 0, 0.6, 0, 30.0, None, 0.25,
+                      None, 0, 30, 1.0, "model.bn_momentum=0.1", final_val_accuracy=0.59,
+                      chosen="model.bn_momentum=0.1")
+    lag = _bn_settings(KERAS_BN, override, naive, tie=1.0)
+    assert lag.kind == "cause" and lag.title == "BatchNorm statistics lag"
+    assert "5 BatchNorm layers, momentum 0.01, eps 0.001" in lag.text and "about the last 100 batches" in lag.text
+    assert "with model.bn_momentum=0.1" in lag.text and "59.00% against 48.00% (+11.00 pp; test 60.00% against " \
+           "50.00%)" in lag.text
+    fine = _bn_settings(TORCH_BN, None, naive, tie=1.0)
+    assert fine.kind == "info" and "momentum 0.1, eps 1e-05" in fine.text and "lag" not in fine.text
 
 
 def test_central_baseline_is_one_client_with_the_same_model_and_optimizer():
@@ -384,13 +420,18 @@ def test_doctor_writes_table_report_and_summary(doctored):
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:4] == GAP_COLUMNS
     keys = {r["variant"] for r in rows}
-    assert {"central", "naive", *V.PRESETS["quick"].remedies} <= keys
+    summary = json.loads((out / "summary.json").read_text())
+    # every remedy of the preset ran, but the momentum override: mobilenet-like's BatchNorm (torch's 0.1) does not lag
+    assert {"central", "naive", *V.PRESETS["quick"].remedies} - {"bn_momentum"} <= keys
+    assert "bn_momentum" not in keys
+    assert summary["model"] == {"batchnorm_layers": 5, "bn_momentum": [0.1] * 5, "bn_eps": [1e-5] * 5}
+    skipped = "BatchNorm momentum: the model's running statistics do not lag"
+    assert any(line.startswith(skipped) for line in summary["skipped"])
     central = next(r for r in rows if r["variant"] == "central")
     assert float(central["gap_pp"]) == 0.0
     for r in rows:  # every gap is the centralized accuracy minus the variant's, as printed
         expected = 100 * (float(central["final_test_accuracy"]) - float(r["final_test_accuracy"]))
         assert float(r["gap_pp"]) == pytest.approx(expected, abs=1e-3)
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "quick" and summary["preset_cut"]
     assert {v["variant"] for v in summary["variants"]} == keys
     assert summary["naive_diagnostics"]["bn_divergence"] and summary["diagnosis"]

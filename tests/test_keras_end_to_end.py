@@ -101,7 +101,9 @@ def test_export_keras_refuses_a_torch_model(tiny_idx, tmp_path, capsys):
 
 def test_doctor_quick_on_the_keras_model(tiny_idx, tmp_path):
     out = tmp_path / "doctor"
-    remedies = ["groupnorm", "fedbn"]  # the Keras model rebuilt with GroupNormalization; FedBN on its BatchNorm
+    # the Keras model rebuilt with GroupNormalization; FedBN on its BatchNorm; a momentum override of its lagging
+    # running statistics (Keras' momentum=0.99 is 0.01 in torch's convention)
+    remedies = ["groupnorm", "fedbn", "bn_momentum"]
     done = cli_subprocess("doctor", *seed_style(tiny_idx), "--out", str(out), "--remedies", ",".join(remedies),
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -115,6 +117,13 @@ def test_doctor_quick_on_the_keras_model(tiny_idx, tmp_path):
     (naive,) = (out / "runs").glob("naive-s0-*")
     last = read_metrics(naive / "metrics.csv")[-1]
     assert float(last["train_mode_accuracy"]) >= 0 and float(last["bn_divergence[batch_normalization_4]"]) > 0
+    # the report names the BatchNorm settings Keras gave the model, and what the override measured against them
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["bn_momentum"] == [pytest.approx(0.01)] * 5 and summary["model"]["bn_eps"] == \
+        [pytest.approx(1e-3)] * 5
+    lag = next(f for f in summary["diagnosis"] if "momentum 0.01, eps 0.001" in f["text"])
+    assert "Measured here: with model.bn_momentum=" in lag["text"]
+    assert rows["bn_momentum"]["chosen"] in ("model.bn_momentum=0.1", "model.bn_momentum=0.3")
 
 
 def quiet(args: list[str], out=None, **kwargs) -> Experiment:

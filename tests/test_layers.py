@@ -11,11 +11,12 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedgap"
 
-# Bottom up; a module may import its own package, and packages of lower layers only. The first layer is the
-# leaf utilities (the root package, errors, atomic files, seeding, progress bars, process tuning, the callback
-# base class), importable from everywhere.
+# Bottom up; a module may import its own package, and packages of lower layers only. The first two layers are the
+# leaf utilities (the root package and errors; atomic files and output-path checks, seeding, progress bars,
+# process tuning, the callback base class), importable from everywhere.
 LAYERS: list[set[str]] = [
-    {"fedgap", "errors", "files", "seeding", "progress", "runtime", "callbacks"},
+    {"fedgap", "errors"},  # the version and the user-facing error types
+    {"files", "seeding", "progress", "runtime", "callbacks"},
     {"fl"},  # the math: objectives, server update, norm policies; no engine, no I/O
     {"config"},
     {"data", "models", "track"},

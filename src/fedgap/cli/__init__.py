@@ -44,10 +44,12 @@ def run(args, out, resume, overwrite, quiet):
     """Run one experiment and write config.yaml, metrics.csv, summary.json and a checkpoint to --out."""
     from fedgap.config import results_hash
     from fedgap.experiment.loop import Experiment
+    from fedgap.preflight import probe_user_model
 
     if resume and out is None:
         raise FedgapError("--resume: needs --out DIR (the folder of the run to continue)")
     cfg = load(args, base=(out / "config.yaml") if (resume and out is not None) else None)
+    probe_user_model(cfg)  # a model file that ends the interpreter at import: one line, before anything runs
     out = out or Path("runs") / f"run-{results_hash(cfg)}"
     exp = Experiment(cfg, out, resume=resume, overwrite=overwrite, show_progress=not quiet)
     summary = exp.run()
@@ -85,8 +87,11 @@ def partition(args, plot, as_json):
 
     from fedgap.data.datasets import load_dataset
     from fedgap.data.partition import partition_for, partition_stats
+    from fedgap.files import check_file
 
     cfg = load(args)
+    if plot is not None:
+        check_file(plot, "--plot")  # before the work: a folder or an unwritable place there is one line
     d = cfg.data
     data = load_dataset(d.name, d.root, d.path)
     labels = data.train_y.numpy()

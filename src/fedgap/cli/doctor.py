@@ -58,8 +58,11 @@ def _presets_help() -> str:
               help="Accuracy for 'rounds to target' (default: the naive run's final accuracy).")
 @click.option("--remedies", default=None, metavar="KEY,KEY",
               help="Only these remedies (keys as in gap.csv, e.g. fedbn,logit_adjust); default: the preset's.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into an --out that holds other files (a run's, yours): the doctor's files replace files of "
+                   "the same name, the rest is kept. Without it such a folder is refused.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def doctor(args, preset, seeds, out, jobs, threads, target, remedies, quiet):
+def doctor(args, preset, seeds, out, jobs, threads, target, remedies, overwrite, quiet):
     """Measure the federated-centralized gap of your setting, explain it, and find the configuration that
     closes it.
 
@@ -78,7 +81,7 @@ def doctor(args, preset, seeds, out, jobs, threads, target, remedies, quiet):
     res = run_doctor(path, overrides, preset=preset, seeds=seeds, out=out, jobs=jobs, target=target,
                      show_progress=not quiet, command=command,
                      remedies=tuple(remedies.split(",")) if remedies else None, render=write_doctor_report,
-                     threads=threads)
+                     threads=threads, overwrite=overwrite)
     out_console.print(gap_table(res))
     for f in res.findings:
         if f.kind in ("cause", "remedy"):

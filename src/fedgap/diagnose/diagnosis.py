@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fedgap.diagnose.facts import ModelFacts
 from fedgap.diagnose.gap import GapRow, evaluation_noise_pp
 from fedgap.diagnose.variants import CAUSES
 from fedgap.runs.records import RunRecord
@@ -42,7 +43,8 @@ def pct(x: float) -> str:
 
 def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_recs: list[RunRecord],
                     partition: dict, noise: float | None, seeds: int, target: float,
-                    target_source: str, recommended: str | None = None, tuning: dict | None = None) -> list[Finding]:
+                    target_source: str, recommended: str | None = None, tuning: dict | None = None,
+                    facts: ModelFacts | None = None) -> list[Finding]:
     by = {r.variant: r for r in rows}
     central, naive = by.get("central"), by.get("naive")
     out: list[Finding] = []
@@ -88,6 +90,9 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
                     f"the last {LATE_EVALS} evaluations): the running statistics are not what holds it back.{split}")
             out.append(Finding("BatchNorm statistics are fine", text, "info"))
 
+    if facts is not None and facts.has_batchnorm:
+        out.append(_bn_settings(facts, by.get("bn_momentum"), naive, tie))
+
     drift = seeds_late_mean(naive_recs, "client_drift")
     cosine = seeds_late_mean(naive_recs, "update_cosine")
     if drift is not None:
@@ -121,6 +126,30 @@ def write_diagnosis(rows: list[GapRow], naive_recs: list[RunRecord], central_rec
         f"Rounds to target count the rounds until a variant first reaches {pct(target)} ({target_source})."),
         "info"))
     return out
+
+
+def _bn_settings(facts: ModelFacts, override: GapRow | None, naive: GapRow, tie: float) -> Finding:
+    """The model's BatchNorm momentum and eps (a framework's defaults: Keras' momentum=0.99 is 0.01 in torch's
+    convention), whether its running statistics lag, and what a momentum override measured against them."""
+    text = (f"The model has {facts.describe()} (momentum in torch's convention, the weight of each new batch in "
+            f"the running statistics: torch's default is 0.1; Keras' default momentum=0.99 is 0.01 here).")
+    if not facts.lagging_bn:
+        return Finding("BatchNorm settings", text, "info")
+    slowest = min((m for m in facts.bn_momenta if m is not None), default=None)
+    text += (" Its running statistics average over about the last "
+             + (f"{1 / slowest:.0f} batches" if slowest else "all batches") + ", while the global model changes "
+             "every round: the statistics it is evaluated with lag behind its weights.")
+    if override is None or override.final_val_accuracy is None or naive.final_val_accuracy is None:
+        return Finding("BatchNorm statistics lag", text + " No momentum override finished in this doctor run.",
+                       "info")
+    gain = 100 * (override.final_val_accuracy - naive.final_val_accuracy)
+    test = ("" if override.final_test_accuracy is None or naive.final_test_accuracy is None else
+            f"; test {pct(override.final_test_accuracy)} against {pct(naive.final_test_accuracy)}")
+    text += (f" Measured here: with {override.chosen or 'the override'} (everything else as the naive run; only "
+             f"evaluation changes) validation accuracy is {pct(override.final_val_accuracy)} against "
+             f"{pct(naive.final_val_accuracy)} ({gain:+.2f} pp{test}).")
+    return Finding("BatchNorm statistics lag" if gain > tie else "BatchNorm momentum does not matter here", text,
+                   "cause" if gain > tie else "info")
 
 
 def _classifier_bias(naive_recs: list[RunRecord]) -> Finding | None:

@@ -28,8 +28,9 @@ from fedgap.config import Config
 from fedgap.diagnose import variants as V
 from fedgap.diagnose.combine import forward_selection
 from fedgap.diagnose.diagnosis import write_diagnosis
+from fedgap.diagnose.facts import ModelFacts, facts_of
 from fedgap.diagnose.gap import gap_rows, noise_pp
-from fedgap.diagnose.outputs import RECOMMENDED, write_outputs
+from fedgap.diagnose.outputs import RECOMMENDED, check_out, write_outputs
 from fedgap.diagnose.result import DoctorResult
 from fedgap.diagnose.tuning import RunFn, SearchContext, TuneResult, budget_rounds, rungs_for, successive_halving
 from fedgap.errors import ConfigError
@@ -66,7 +67,8 @@ def pool_runner(out: Path, jobs: int | None, show_progress: bool, threads: int |
 def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "quick", seeds: int = 1,
                out: Path, jobs: int | None = None, target: float | None = None, show_progress: bool = True,
                command: str = "fedgap doctor", remedies: tuple[str, ...] | None = None,
-               render: Callable[[DoctorResult], None] | None = None, threads: int | None = None) -> DoctorResult:
+               render: Callable[[DoctorResult], None] | None = None, threads: int | None = None,
+               overwrite: bool = False) -> DoctorResult:
     """The doctor (module docstring). ``render`` writes the documents (report.html, gap.md) of the result, before
     a tracked doctor logs its files (the CLI passes ``fedgap.report.write_doctor_report``)."""
     t0 = time.perf_counter()
@@ -84,13 +86,13 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
     if naive.data.validation <= 0:
         raise ConfigError("data.validation: the doctor chooses hyper-parameters and remedies on a validation "
                           f"split, never on the test set; give a share > 0 (default {p.validation})")
-    check_inputs(naive)  # a bad data file or model fails here, in one line, before --out is touched
-    outputs.prepare_dir(out)
-    lock = outputs.RunLock(out)  # one doctor per folder; its runs have their own locks
+    check_out(out, overwrite)  # a folder of the user's or a finished run's is refused, before anything runs
+    _, model, _ = check_inputs(naive)  # a bad data file or model fails here, in one line, before --out is touched
+    lock = outputs.lock_dir(out)  # one doctor per folder (a second one leaves it untouched); runs have their own
     try:
         with CommandRun(naive, out, "doctor") as tracking:  # track.mlflow: the parent run of the variants' runs
             result = diagnose(naive, tree, p, seeds, out, pool_runner(out, jobs, show_progress, threads), target,
-                              command, t0)
+                              command, t0, facts_of(model))
             write_outputs(result)
             if render is not None:
                 render(result)
@@ -103,8 +105,9 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
 
 
 def diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Path, run: RunFn,
-             target: float | None, command: str, t0: float) -> DoctorResult:
-    """Phases 1-4 (module docstring), every run through ``run``; returns the result without writing it."""
+             target: float | None, command: str, t0: float, facts: ModelFacts | None = None) -> DoctorResult:
+    """Phases 1-4 (module docstring), every run through ``run``; returns the result without writing it.
+    ``facts``: the naive model's BatchNorm settings (which remedies apply; named in the diagnosis)."""
     from fedgap.data.datasets import load_dataset
     from fedgap.data.partition import partition_for, partition_stats
 
@@ -118,7 +121,7 @@ def diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Path
     epochs = central_epochs(naive, p, sum(len(x) for x in parts), [len(x) for x in parts])
     central = V.Variant("central", "centralized", "", V.central_config(naive, epochs))
     naive_v = V.Variant("naive", "naive", "", naive)
-    searches, skipped = V.searches(naive, tree, p)
+    searches, skipped = V.searches(naive, tree, p, facts)
     ctx = SearchContext(tree, p.rungs, p.keep, naive.server.rounds, run, f"doctor ({p.name}): tuning")
     budget = {"rungs": rungs_for(p.rungs, naive.server.rounds), "keep": p.keep,
               "candidates": sum(len(s.grid) for s in searches),
@@ -165,12 +168,12 @@ def diagnose(naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, out: Path
             r.chosen, r.searched = " ".join(res.best.point), res.searched()
     findings = write_diagnosis(rows, records["naive"], records["central"], stats.summary(), noise_pp(rows),
                                seeds, target, target_source, recommended=recommended.key if recommended else None,
-                               tuning=tuning)
+                               tuning=tuning, facts=facts)
     return DoctorResult(
         out=out, preset=p, variants=variants, records=records, rows=rows, target=target,
         target_source=target_source, findings=findings, cut=p.cut(naive, epochs, seeds), skipped=skipped,
         partition=stats.summary(), heatmap_counts=stats.counts, seconds=time.perf_counter() - t0, command=command,
-        notes=selection.notes, recommended=recommended, tuning=tuning, budget=budget)
+        notes=selection.notes, recommended=recommended, tuning=tuning, budget=budget, facts=facts)
 
 
 def _tuned_variant(tree: dict, key: str, res: TuneResult, label: str, cause: str) -> V.Variant:

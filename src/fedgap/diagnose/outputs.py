@@ -6,19 +6,63 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 from fedgap import __version__
 from fedgap.config import config_to_dict, dump_yaml
 from fedgap.diagnose.gap import GapRow
 from fedgap.diagnose.result import DoctorResult
+from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
+from fedgap.runs.cache import RUNS
+from fedgap.track.base import TRACK_FILE
 
 GAP_COLUMNS = ["variant", "final_test_accuracy", "gap_pp", "rounds_to_target", "final_val_accuracy", "chosen",
                "searched", "final_std", "best_test_accuracy", "best_std", "gap_equal_samples_pp", "gap_closed",
                "reached", "seeds", "rounds", "wall_seconds", "cause", "label", "changes", "error", "diverged",
                "last_test_accuracy", "late_sem"]
 RECOMMENDED = "recommended.yaml"
+SUMMARY = "summary.json"
+# What a doctor writes in --out: its files, the run cache, its lock, the tracked run's id; and the temporary
+# files of an atomic write or a writability probe that a kill can leave behind.
+DOCTOR_ENTRIES = frozenset({"report.html", "gap.csv", "gap.md", SUMMARY, RECOMMENDED, RUNS, outputs.LOCK, TRACK_FILE})
+LEFTOVER = re.compile(r"^\..+\.tmp-\d+(\.\w+)?$|^\.write-probe-\d+$")
+
+
+def foreign_files(out: Path) -> list[str]:
+    """What ``out`` holds that a doctor did not write (a run's files, the user's own), in name order; a
+    ``summary.json`` counts when it is not a doctor's (a finished ``fedgap run`` left it)."""
+    if not out.is_dir():
+        return []
+    foreign = [p.name for p in sorted(out.iterdir()) if p.name not in DOCTOR_ENTRIES and not LEFTOVER.match(p.name)]
+    summary = out / SUMMARY
+    if summary.is_file() and not _is_doctor_summary(summary):
+        foreign.insert(0, f"{SUMMARY} (a run's)")
+    return foreign
+
+
+def _is_doctor_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "preset" in data and "variants" in data
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """A doctor writes only into a new or empty folder or a doctor's own (to resume or repeat it): anything else
+    is refused in one line before any work, unless ``--overwrite`` says to write beside it (files named like the
+    doctor's are then replaced, others kept)."""
+    if out.exists() and not out.is_dir():
+        raise FedgapError(f"--out '{out}': exists and is not a folder")
+    foreign = foreign_files(out)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FedgapError(f"--out '{out}': holds files a doctor did not write ({shown}); choose a new folder, or pass "
+                          f"--overwrite to write the doctor's files beside them")
 
 
 def gap_csv(rows: list[GapRow]) -> str:
@@ -45,6 +89,7 @@ def summary_dict(res: DoctorResult) -> dict[str, Any]:
         "target_source": res.target_source,
         "naive_config": config_to_dict(res.records["naive"][0].spec.cfg),
         "partition": res.partition,
+        "model": res.facts.as_dict() if res.facts is not None else None,
         "selection": "validation accuracy (mean of the last 3 evaluations on data.validation); test never used",
         "recommended": None if res.recommended is None else {
             "variant": res.recommended.key, "label": res.recommended.label,
@@ -93,4 +138,4 @@ def write_outputs(res: DoctorResult) -> None:
     recommended = recommended_yaml(res)
     if recommended is not None:
         outputs.atomic_write_text(res.out / RECOMMENDED, recommended)
-    outputs.write_json(res.out / "summary.json", summary_dict(res))
+    outputs.write_json(res.out / SUMMARY, summary_dict(res))

@@ -8,6 +8,7 @@ from typing import Any
 
 from fedgap.diagnose import variants as V
 from fedgap.diagnose.diagnosis import Finding
+from fedgap.diagnose.facts import ModelFacts
 from fedgap.diagnose.gap import GapRow
 from fedgap.diagnose.tuning import TuneResult
 from fedgap.runs.records import RunRecord
@@ -35,6 +36,7 @@ class DoctorResult:
     recommended: V.Variant | None = None
     tuning: dict[str, TuneResult] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=dict)
+    facts: ModelFacts | None = None  # the naive model's BatchNorm settings
 
     def row(self, key: str) -> GapRow | None:
         return next((r for r in self.rows if r.variant == key), None)

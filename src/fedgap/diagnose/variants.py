@@ -16,6 +16,7 @@ import itertools
 from dataclasses import dataclass
 
 from fedgap.config import Config, config_from_dict, config_to_dict, merge, parse_overrides, read_yaml, results_hash
+from fedgap.diagnose.facts import ModelFacts
 from fedgap.fl.objectives import objective_spec
 
 # cause groups, in the order the report lists them
@@ -48,6 +49,7 @@ class Remedy:
     overrides: tuple[str, ...]
     knobs: tuple[Knob, ...] = ()  # the remedy's own hyper-parameters
     needs_batchnorm: bool = False  # only meaningful when the naive model has BatchNorm
+    needs_lagging_bn: bool = False  # only meaningful when its running statistics lag (momentum below torch's 0.1)
     # the full preset also searches the client lr (False: its knobs hold the lr, as tuned FedAvg's and AdamW's do,
     # or it leaves training alone and shares the lr of what it is added to, as model averaging does)
     search_lr: bool = True
@@ -66,6 +68,11 @@ REMEDIES: tuple[Remedy, ...] = (
            why="each client keeps its own BatchNorm layers (Li et al. 2021)"),
     Remedy("recalibrate", "BN recalibration", NORMALIZATION, ("model.norm_policy=recalibrate",),
            needs_batchnorm=True, why="exact federated BatchNorm statistics of the global model"),
+    Remedy("bn_momentum", "BatchNorm momentum", NORMALIZATION, (), (Knob("model.bn_momentum", (0.1, 0.3)),),
+           needs_batchnorm=True, needs_lagging_bn=True, search_lr=False,
+           why="running statistics that keep up with the model: momentum 0.1 or 0.3 in torch's convention (the "
+               "weight of each new batch) instead of a lagging one such as Keras' default momentum=0.99 (0.01 "
+               "here); only evaluation changes, training is the same"),
     Remedy("fedprox", "FedProx", DRIFT, ("client.objective=prox",), (Knob("server.mu", (0.001, 0.01, 0.1)),),
            why="proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)"),
     Remedy("scaffold", "SCAFFOLD", DRIFT, ("client.objective=scaffold",),
@@ -158,7 +165,8 @@ PRESETS = {
         # combination is one step of pairs at the partners' own values: with FedDyn's alpha tuned again on top
         # and a third remedy tried, make run took 9.3 and 11.0 minutes on the same day (2026-12-05), and the
         # third remedy lowered validation accuracy both times.
-        remedies=("tuned", "fedbn", "logit_adjust", "feddyn"),
+        # The momentum override runs only for a model whose BatchNorm statistics lag (a Keras model's default).
+        remedies=("tuned", "fedbn", "logit_adjust", "feddyn", "bn_momentum"),
     ),
     "full": DoctorPreset("full", rounds=200, eval_every=5, central_epochs=15, rungs=(25, 75, 200), tune_lr=True,
                          remedies=tuple(r.key for r in REMEDIES)),
@@ -241,15 +249,22 @@ class Search:
         return with_overrides(tree, self.overrides + point)
 
 
-def searches(naive: Config, tree: dict, preset: DoctorPreset) -> tuple[list[Search], list[str]]:
-    """Each remedy of the preset with its search space, skipping those that do not apply or equal the naive
-    run. Returns the searches and one line per skipped remedy (said in the report)."""
+def searches(naive: Config, tree: dict, preset: DoctorPreset,
+             facts: ModelFacts | None = None) -> tuple[list[Search], list[str]]:
+    """Each remedy of the preset with its search space, skipping those that do not apply (to the naive model as
+    ``facts`` describe it; without facts, a model has BatchNorm unless model.norm says otherwise) or equal the
+    naive run. Returns the searches and one line per skipped remedy (said in the report)."""
     naive_hash = results_hash(naive)
+    has_bn = facts.has_batchnorm if facts is not None else naive.model.norm == "batch"
     out, skipped = [], []
     for key in preset.remedies:
         remedy = REMEDY_BY_KEY[key]
-        if remedy.needs_batchnorm and naive.model.norm != "batch":
+        if remedy.needs_batchnorm and not has_bn:
             skipped.append(f"{remedy.label}: the model has no BatchNorm (model.norm={naive.model.norm})")
+            continue
+        if remedy.needs_lagging_bn and not (facts is not None and facts.lagging_bn):
+            skipped.append(f"{remedy.label}: the model's running statistics do not lag"
+                           + (f" ({facts.describe()})" if facts is not None else ""))
             continue
         overrides = remedy_overrides(naive, remedy)
         space = preset.space(remedy)

@@ -112,11 +112,28 @@ def prepare_dir(out: Path) -> None:
         raise FedgapError(f"--out '{out}': not writable ({exc.strerror or type(exc).__name__})") from None
 
 
+def lock_dir(out: Path) -> RunLock:
+    """Create ``out`` if needed and lock it before anything else is written there, then check it is writable: a
+    second process finds the folder locked and leaves without touching it. The caller holds the lock."""
+    if out.exists() and not out.is_dir():
+        raise FedgapError(f"--out '{out}': exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out)
+    except OSError as exc:
+        raise FedgapError(f"--out '{out}': not writable ({exc.strerror or type(exc).__name__})") from None
+    try:
+        prepare_dir(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
-    """Create ``out`` (or check it for resume), make sure it is writable and lock it, before any work starts.
+    """Create ``out`` (or check it for resume), lock it and make sure it is writable, before any work starts.
     The caller holds the returned lock until the run ends."""
-    prepare_dir(out)
-    lock = RunLock(out)
+    lock = lock_dir(out)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if resume:
         return lock

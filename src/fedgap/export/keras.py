@@ -25,6 +25,7 @@ from fedgap.data.datasets import load_dataset_for
 from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
 from fedgap.experiment.checkpoint import read as read_checkpoint
+from fedgap.files import check_file
 from fedgap.models import build_model
 from fedgap.models.keras_adapter import KerasModel
 
@@ -47,6 +48,7 @@ def export_keras(run_dir: Path, out: Path, *, overwrite: bool = False) -> KerasE
         raise FedgapError(f"--out '{out}': a Keras file name ends in .keras")
     if out.exists() and not overwrite:
         raise FedgapError(f"--out '{out}': exists; pass --overwrite to replace it")
+    check_file(out, "--out")
     cfg = load_config(config)
     data = load_dataset_for(cfg.data)
     with torch.random.fork_rng(devices=[]):  # the run's initial weights, although the checkpoint replaces them

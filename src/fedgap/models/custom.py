@@ -20,6 +20,8 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +65,7 @@ def _import_module(where: str):
         if exc.name and where.startswith(exc.name):
             raise ConfigError(f"model.name: no module named {where!r} (is it installed or on PYTHONPATH?)") from None
         raise ConfigError(f"model.name: importing {where!r} failed: no module named {exc.name!r}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ConfigError(f"model.name: importing {where!r} failed: {_one_line(exc)}") from None
 
 
@@ -83,7 +85,7 @@ def _import_file(path: Path):
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in the user's module ends fedgap with one line, not silently
         del sys.modules[module_name]
         raise ConfigError(f"model.name: importing '{path}' failed: {_one_line(exc)}") from None
     module.__fedgap_mtime__ = mtime
@@ -97,7 +99,7 @@ def call_factory(name: str, num_classes: int, in_channels: int, image_size: tupl
     factory = resolve(name)
     try:
         model = factory(num_classes, in_channels, tuple(image_size), **kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ConfigError(f"model.name: {name} raised {_one_line(exc)}") from None
     if not isinstance(model, nn.Module) and not is_keras_object(model):
         raise ConfigError(f"model.name: {name} returned {type(model).__name__}, not a torch.nn.Module or a "
@@ -123,6 +125,26 @@ def check_output(model: nn.Module, name: str, num_classes: int, in_channels: int
     if shape != (2, num_classes):
         raise ConfigError(f"model.name: {name} gives output {shape} for a batch of 2 images, expected logits "
                           f"(2, {num_classes})")
+
+
+def probe_import(name: str, timeout: float = 300.0) -> None:
+    """Import the user's module in a child process first: a module that ends the interpreter at import
+    (``os._exit``, a crash in native code, a signal) would otherwise end fedgap without a word. The child's end is
+    reported in one line; any other problem (an exception, ``sys.exit``) is left to the import in this process,
+    which reports it in one line itself. Costs a Python start and the module's imports (about 2 s with torch)."""
+    where, _ = split_target(name)
+    code = ("import sys\nfrom fedgap.models.custom import resolve\ntry:\n    resolve(sys.argv[1])\n"
+            "except BaseException:\n    pass\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, name], capture_output=True, timeout=timeout,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"model.name: importing '{where}' did not finish within {timeout:.0f} s") from None
+    if done.returncode < 0:
+        how = signal.Signals(-done.returncode).name
+        raise ConfigError(f"model.name: importing '{where}' crashed the Python process ({how})")
+    if done.returncode != 0:
+        raise ConfigError(f"model.name: importing '{where}' ended the Python process (exit code {done.returncode})")
 
 
 def _one_line(exc: BaseException) -> str:

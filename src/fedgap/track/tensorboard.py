@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgap.config import dump_yaml
+from fedgap.files import check_folder
 from fedgap.track import require
 from fedgap.track.base import Tracker, flat_config
 
@@ -22,6 +23,7 @@ class TensorBoardTracker(Tracker):
         super().__init__(cfg, out, label)
         require("tensorboard", "tensorboard", "track.tensorboard")  # fail before the run starts
         self.log_dir = Path(cfg.track.tensorboard) / (out.name if out is not None else label)
+        check_folder(self.log_dir, "track.tensorboard")  # a file in the way fails here, before any round
         self.writer = None
 
     def start(self, experiment, resumed: bool) -> bool:
