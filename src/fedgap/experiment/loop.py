@@ -40,6 +40,7 @@ from fedgap.engines import Engine, RoundOutput, engine_class
 from fedgap.errors import FedgapError
 from fedgap.experiment import outputs
 from fedgap.experiment.stopping import StopAtTarget, StopOnDivergence
+from fedgap.fl import fednova
 from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
 from fedgap.fl.averaging import as_model, average_update
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
@@ -160,7 +161,7 @@ class Experiment:
         self.client_store: dict[int, dict[str, State]] = {}
         self.average: State | None = None  # server.average: the running average of the round models (float64)
         self.components = ServerComponents(self.server_opt, self.objective, tuple(self.server_keys),
-                                           cfg.data.num_clients)
+                                           cfg.data.num_clients, fednova.normalizer(cfg))
         self.rows: list[dict[str, Any]] = []
         self.round = 0
         self.wall_seconds = 0.0
