@@ -143,3 +143,12 @@ def test_partition_command_shows_the_labels_split(capsys):
     code, out, err = cli("partition", "data.partition=labels", "data.labels_per_client=11", "data.num_clients=10",
                          capsys=capsys)
     assert code == 2 and "data.labels_per_client" in err and len(err.strip().splitlines()) == 1
+
+
+def test_labels_per_client_is_part_of_the_results_hash_off_its_default():
+    # (at its default it is left out: tests/test_averaging.py rebuilds the hash of a config without it)
+    from fedgap.config import load_config, results_hash
+
+    labels = ["data.partition=labels", "data.num_clients=10"]
+    assert results_hash(load_config(overrides=[*labels, "data.labels_per_client=3"])) != \
+        results_hash(load_config(overrides=labels))
