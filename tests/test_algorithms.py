@@ -161,7 +161,7 @@ def test_recalibration_equals_central_statistics_over_the_union(mnist):
             assert not torch.allclose(fed[key], state[key])
 
 
-PRESETS = ["fedavg", "fedprox", "scaffold", "fedbn", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+PRESETS = ["fedavg", "fedprox", "scaffold", "fedbn", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova"]
 CASES = [[f"server.algorithm={p}"] for p in PRESETS] + [["model.norm_policy=recalibrate"]]
 IDS = [*PRESETS, "recalibrate"]
 

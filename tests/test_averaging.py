@@ -109,6 +109,7 @@ def test_off_by_default_and_absent_from_the_hash_while_off():
     tree["server"].pop("average")  # the hash of a config from before the key existed
     for later in ("bn_momentum", "bn_eps"):  # (and before these, added later, off by default too)
         tree["model"].pop(later)
+    tree["data"].pop("labels_per_client")  # a later key too (the labels partition), absent at its default
     assert results_hash(cfg) == hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
     assert results_hash(load_config(overrides=["server.average=3"])) != results_hash(cfg)
     assert results_hash(load_config(overrides=["server.average=0"])) != results_hash(cfg)  # 0 is uniform, not off

@@ -115,6 +115,20 @@ def test_the_diagnosis_names_lagging_batchnorm_settings_and_what_the_override_me
     assert fine.kind == "info" and "momentum 0.1, eps 1e-05" in fine.text and "lag" not in fine.text
 
 
+def test_norm_remedies_are_skipped_for_a_model_without_norm_layers_and_remedies_it_cannot_take_too():
+    preset = V.PRESETS["full"]
+    tree = V.base_tree(preset, None, ["model.name=simple-cnn", "server.algorithm=fednova"])
+    naive = V.config_from_dict(tree)
+    searches, skipped = V.searches(naive, tree, preset)
+    keys = {s.remedy.key for s in searches}
+    assert not keys & {"groupnorm", "layernorm", "fedbn", "recalibrate", "adamw"}
+    assert {"fedprox", "logit_adjust", "fedadam"} <= keys
+    said = "\n".join(skipped)
+    assert "GroupNorm: does not apply here (model.norm: simple-cnn has no norm layers, so only none applies" in said
+    assert "FedBN (local BN): the model has no BatchNorm (model.norm=none)" in said
+    assert "AdamW + weight decay: does not apply here (client.optimizer: server.algorithm=fednova" in said
+
+
 def test_central_baseline_is_one_client_with_the_same_model_and_optimizer():
     naive = load_config(overrides=["server.algorithm=scaffold", "server.optimizer=adam", "client.lr=0.02",
                                    "model.norm_policy=local"])

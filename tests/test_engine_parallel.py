@@ -73,10 +73,11 @@ def assert_same_tensors(a, b):
     ["server.algorithm=fedprox", "server.mu=0.1"],
     ["server.algorithm=scaffold"],
     ["server.algorithm=fedbn"],
+    ["server.algorithm=fednova", "model.name=simple-cnn"],
     ["server.algorithm=fedavg", "model.norm_policy=recalibrate"],
     *([f"client.objective={name}"] for name in OBJECTIVES if name not in ("local", "prox", "scaffold")),
     ["client.objective=logit_adjust+scaffold"],  # a joined objective (fedgap.fl.objectives.composite)
-], ids=["fedavg", "fedprox", "scaffold", "fedbn", "recalibrate",
+], ids=["fedavg", "fedprox", "scaffold", "fedbn", "fednova-simple-cnn", "recalibrate",
         *(name for name in OBJECTIVES if name not in ("local", "prox", "scaffold")), "logit_adjust+scaffold"])
 def test_parallel_equals_sequential_bit_for_bit(tiny_idx, extra):
     seq = run(tiny(tiny_idx, *extra, "engine.threads=1"))

@@ -114,6 +114,7 @@ CASES = {
     "group-norm-nchw": ["model.norm=group", "engine.channels_last=false"],
     "cnn-layer-norm-dropout": ["model.name=cnn", "model.norm=layer", "model.dropout=0.5"],
     "cnn-no-norm": ["model.name=cnn", "model.norm=none", "client.momentum=0", "client.lr=0.1"],
+    "simple-cnn": ["model.name=simple-cnn", "client.weight_decay=0.001"],
     "mobilenet-v1-instance": ["model.name=mobilenet-v1", "model.width=0.25", "model.norm=instance"],
     "mobilenet-v2-dropout": ["model.name=mobilenet-v2", "model.width=0.25", "model.dropout=0.2",
                              "client.lr=0.01"],
@@ -219,6 +220,8 @@ E2E = {
     "fedavg-adamw": ["client.optimizer=adamw", "client.lr=0.003", "client.weight_decay=0.01"],
     # the round's lr scale reaches the cohort optimizer; the server's running average follows the states
     "fedavg-lr-decay-average": ["client.lr_decay=0.5", "server.average=1"],
+    # FedNova rescales by each client's step count: the cohort must report the per-client counts
+    "fednova-simple-cnn": ["server.algorithm=fednova", "model.name=simple-cnn", "client.weight_decay=0.00001"],
 }
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fedgap.config import load_config
+from fedgap.errors import ConfigError
 from fedgap.models import build_model, count_parameters
 from fedgap.models.norm import norm_state_keys
 from fedgap.models.registry import MODELS
@@ -10,6 +11,18 @@ from fedgap.models.registry import MODELS
 def test_fedavg_cnn_has_the_papers_parameter_count():
     cfg = load_config(overrides=["model.name=cnn", "model.norm=none"])
     assert count_parameters(build_model(cfg.model)) == 1_663_370
+
+
+def test_simple_cnn_is_niid_benchs_model():
+    cfg = load_config(overrides=["model.name=simple-cnn"])
+    assert cfg.model.norm == "none"  # resolved: it has no norm layers
+    model = build_model(cfg.model)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    shapes = [(m.in_channels, m.out_channels, m.kernel_size, m.padding) if isinstance(m, torch.nn.Conv2d)
+              else (m.in_features, m.out_features) for m in layers]
+    assert shapes == [(1, 6, (5, 5), (0, 0)), (6, 16, (5, 5), (0, 0)), (256, 120), (120, 84), (84, 10)]
+    assert count_parameters(model) == 44_426  # 156 + 2,416 + 30,840 + 10,164 + 850
+    assert not norm_state_keys(model) and all(m.bias is not None for m in layers)
 
 
 def test_mobilenet_like_structure():
@@ -23,7 +36,12 @@ def test_mobilenet_like_structure():
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("norm", ["batch", "group", "layer", "instance", "none"])
 def test_every_model_and_norm_runs(name, norm):
-    cfg = load_config(overrides=[f"model.name={name}", f"model.norm={norm}", "model.width=0.5", "model.dropout=0.2"])
+    overrides = [f"model.name={name}", f"model.norm={norm}", "model.width=0.5", "model.dropout=0.2"]
+    if not MODELS[name].norm_channels(0.5) and norm != "none":  # a model without norm layers refuses them
+        with pytest.raises(ConfigError, match=f"model.norm: {name} has no norm layers, so only none applies"):
+            load_config(overrides=overrides)
+        return
+    cfg = load_config(overrides=overrides)
     model = build_model(cfg.model)
     out = model(torch.randn(3, 1, 28, 28))
     assert out.shape == (3, 10)

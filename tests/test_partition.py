@@ -77,3 +77,78 @@ def test_partition_command_prints_stats_and_saves_heatmap(tmp_path, capsys):
     code, out, _ = cli("partition", "data.partition=iid", "data.num_clients=10", "--json", capsys=capsys)
     stats = json.loads(out)
     assert stats["clients"] == 10 and stats["samples_min"] == 6000 and stats["classes_per_client_min"] == 10
+
+
+# ---- labels: NIID-Bench's #C=K
+
+
+@pytest.mark.parametrize(("num_clients", "k"), [(10, 1), (10, 2), (10, 3), (25, 3), (10, 10)])
+def test_labels_each_client_holds_exactly_k_labels_split_evenly(labels, num_clients, k):
+    parts = partition(labels, "labels", num_clients, seed=5, labels_per_client=k)
+    joined = np.sort(np.concatenate(parts))
+    assert (joined == np.arange(len(labels))).all()  # every training row assigned once
+    counts = partition_stats(parts, labels, 10).counts  # clients x labels
+    assert ((counts > 0).sum(axis=1) == k).all()
+    assert all(counts[i, i % 10] > 0 for i in range(num_clients))  # client i holds label i mod 10
+    total = np.bincount(labels, minlength=10)
+    for label in range(10):
+        held = counts[:, label][counts[:, label] > 0]
+        assert held.sum() == total[label]
+        assert held.max() - held.min() <= 1  # split evenly among the clients that hold it
+
+
+def test_labels_with_k_equal_to_the_label_count_is_a_stratified_split(labels):
+    parts = partition(labels, "labels", 10, seed=0, labels_per_client=10)
+    counts = partition_stats(parts, labels, 10).counts
+    total = np.bincount(labels, minlength=10)
+    assert (counts == total // 10 + (np.arange(10)[:, None] < total % 10)).all()  # array_split: first ones +1
+
+
+def test_labels_on_a_hand_made_set():
+    y = np.array([2, 0, 1, 0, 2, 0, 1, 2, 0])  # label 0 at rows 1 3 5 8, 1 at 2 6, 2 at 0 4 7
+    # one label per client: client i holds all of label i
+    parts = partition(y, "labels", 3, seed=0, labels_per_client=1)
+    assert [p.tolist() for p in parts] == [[1, 3, 5, 8], [2, 6], [0, 4, 7]]
+    # every label held by all three: each label's rows shuffled, then cut 2/1/1, 1/1/0 and 1/1/1 in client order
+    parts = partition(y, "labels", 3, seed=0, labels_per_client=3)
+    sizes = [np.bincount(y[p], minlength=3).tolist() for p in parts]
+    assert sizes == [[2, 1, 1], [1, 1, 1], [1, 0, 1]]
+
+
+def test_labels_is_seeded(labels):
+    a = partition(labels, "labels", 10, seed=1, labels_per_client=2)
+    b = partition(labels, "labels", 10, seed=1, labels_per_client=2)
+    c = partition(labels, "labels", 10, seed=2, labels_per_client=2)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize(("num_clients", "k", "key"), [(10, 11, "data.labels_per_client"),
+                                                        (9, 2, "data.num_clients")])
+def test_labels_impossible_settings_are_config_errors(labels, num_clients, k, key):
+    with pytest.raises(ConfigError, match=key):
+        partition(labels, "labels", num_clients, seed=0, labels_per_client=k)
+
+
+def test_partition_command_shows_the_labels_split(capsys):
+    import json
+
+    from conftest import cli
+
+    code, out, _ = cli("partition", "data.partition=labels", "data.labels_per_client=2", "data.num_clients=10",
+                       "--json", capsys=capsys)
+    stats = json.loads(out)
+    assert code == 0 and stats["clients"] == 10
+    assert stats["classes_per_client_min"] == stats["classes_per_client_max"] == 2
+    code, out, err = cli("partition", "data.partition=labels", "data.labels_per_client=11", "data.num_clients=10",
+                         capsys=capsys)
+    assert code == 2 and "data.labels_per_client" in err and len(err.strip().splitlines()) == 1
+
+
+def test_labels_per_client_is_part_of_the_results_hash_off_its_default():
+    # (at its default it is left out: tests/test_averaging.py rebuilds the hash of a config without it)
+    from fedgap.config import load_config, results_hash
+
+    labels = ["data.partition=labels", "data.num_clients=10"]
+    assert results_hash(load_config(overrides=[*labels, "data.labels_per_client=3"])) != \
+        results_hash(load_config(overrides=labels))

@@ -107,6 +107,7 @@ def test_every_ray_port_listens_on_loopback_only():
 
 # The presets with state of their own, and every other registered objective (a new one is tested on Ray here).
 SAME_MODEL = ["server.algorithm=fedavg", "server.algorithm=scaffold", "server.algorithm=fedbn",
+              "server.algorithm=fednova",  # normalized by the step counts the actors report
               *(f"client.objective={name}" for name in OBJECTIVES if name not in ("local", "scaffold")),
               "client.objective=logit_adjust+scaffold"]  # a joined objective (fedgap.fl.objectives.composite)
 

@@ -86,7 +86,7 @@ def partition(args, plot, as_json):
     import json
 
     from fedgap.data.datasets import load_dataset
-    from fedgap.data.partition import partition_for, partition_stats
+    from fedgap.data.partition import partition_for, partition_stats, partition_text
     from fedgap.files import check_file
 
     cfg = load(args)
@@ -101,7 +101,7 @@ def partition(args, plot, as_json):
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        table = Table(title=f"{d.partition} partition of {d.name} over {len(parts)} clients (seed {cfg.seed})",
+        table = Table(title=f"{partition_text(d)} partition of {d.name} over {len(parts)} clients (seed {cfg.seed})",
                       show_header=False, title_justify="left")
         table.add_row("samples per client (min / median / max)",
                       f"{summary['samples_min']} / {summary['samples_median']:.0f} / {summary['samples_max']}")
@@ -114,8 +114,7 @@ def partition(args, plot, as_json):
     if plot is not None:
         from fedgap.report.plots import partition_heatmap
 
-        partition_heatmap(stats.counts, plot, title=f"{d.partition} (alpha={d.alpha})" if d.partition in
-                          ("dirichlet", "quantity") else d.partition)
+        partition_heatmap(stats.counts, plot, title=partition_text(d))
         err_console.print(f"heatmap written to {plot}")
 
 

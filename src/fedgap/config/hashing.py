@@ -15,7 +15,7 @@ RESULT_NEUTRAL: tuple[tuple[str, ...], ...] = (("engine",), ("checkpoint",), ("e
 # Keys added after runs were cached: left out of the hashes while they hold their default (off), so that adding
 # an optional feature keeps every earlier run's cache entry and checkpoint valid.
 LATER_KEYS: dict[tuple[str, ...], Any] = {("server", "average"): None, ("model", "bn_momentum"): None,
-                                         ("model", "bn_eps"): None}
+                                         ("model", "bn_eps"): None, ("data", "labels_per_client"): 2}
 
 
 def config_hash(cfg: Config, exclude: tuple[tuple[str, ...], ...] = ()) -> str:

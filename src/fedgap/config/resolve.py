@@ -32,6 +32,9 @@ def resolve(cfg) -> None:
         cfg.server.optimizer = preset.server_optimizer
     if cfg.model.norm_policy is None:
         cfg.model.norm_policy = preset.norm_policy
+    if preset.normalized and cfg.client.optimizer != "sgd":  # a_i is defined for SGD steps (fedgap.fl.fednova)
+        raise ValueError(f"client.optimizer: server.algorithm={cfg.server.algorithm} normalizes by the clients' "
+                         f"SGD steps and needs sgd, got {cfg.client.optimizer}")
     server_opt = SERVER_OPTIMIZERS[cfg.server.optimizer]
     if cfg.server.lr is None:
         cfg.server.lr = server_opt.default_lr
@@ -85,6 +88,10 @@ def _check_model(m) -> None:
         return
     if m.kwargs:
         raise ValueError(f"model.kwargs: only a model from an import path takes kwargs, not {m.name}")
+    if not entry.norm_channels(m.width):  # no norm layers (simple-cnn): the norm key has nothing to act on
+        if m.norm != "none" and "norm" in m.model_fields_set:
+            raise ValueError(f"model.norm: {m.name} has no norm layers, so only none applies, got {m.norm}")
+        m.norm = "none"
     if m.norm == "group":
         bad = sorted({c for c in entry.norm_channels(m.width) if c % m.groups})
         if bad:

@@ -22,7 +22,7 @@ from fedgap.fl.presets import PRESETS
 from fedgap.fl.server import SERVER_OPTIMIZERS
 from fedgap.models.registry import MODELS, is_import_path, names_text
 
-PartitionName = Literal["iid", "dirichlet", "shards", "quantity", "central"]
+PartitionName = Literal["iid", "dirichlet", "shards", "quantity", "labels", "central"]
 NormName = Literal["batch", "group", "layer", "instance", "none"]
 # The component names come from their registries (the single source): a new objective, server optimizer,
 # preset or engine is a valid config value, described in `fedgap keys`, by adding its registry line.
@@ -49,10 +49,13 @@ class DataConfig(_Section):
     root: str | None = Field(None, description=(
         "idx: folder with the four IDX files (default: the shipped MNIST); folder: the image folder"))
     path: str | None = Field(None, description="npz: the .npz file (made absolute)")
-    partition: PartitionName = Field("dirichlet", description="iid | dirichlet | shards | quantity | central")
+    partition: PartitionName = Field("dirichlet", description=(
+        "iid | dirichlet | shards | quantity | labels (NIID-Bench's #C=K) | central"))
     alpha: float = Field(0.1, gt=0, description="Dirichlet concentration (dirichlet: labels, quantity: sizes)")
     num_clients: int = Field(100, ge=1, description="clients the training set is split over (central: 1)")
     shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards per client")
+    labels_per_client: int = Field(2, ge=1, description=(
+        "labels: distinct labels per client, K of NIID-Bench's #C=K (client i holds label i mod C and K-1 drawn)"))
     min_samples: int = Field(10, ge=0, description="minimum training samples per client (dirichlet, quantity)")
     validation: float = Field(0.0, ge=0, lt=0.5, description=(
         "share of every class of the training set held out before partitioning, for selection (val_accuracy); "

@@ -10,6 +10,13 @@ hold every training sample exactly once (``shards`` included: its shards cover t
   labels.
 - ``quantity``: client sizes skewed, labels IID (quantity skew, as in NIID-Bench, Li et al. 2022): every client
   gets ``min_samples``, the rest is shared out in proportions drawn from Dir(alpha) over clients.
+- ``labels``: NIID-Bench's quantity-based label imbalance "#C=K" (Li et al., ICDE 2022; also Flower's
+  ``niid_bench`` baseline): client i holds label i mod C (C labels in the training set), then K-1 more distinct
+  labels drawn uniformly from the ones it does not hold yet; each label's samples are shuffled and split into
+  near-equal parts among the clients that hold it. Needs at least C clients, so that every label is held (with
+  fewer, NIID-Bench's split has nobody to give a label's rows to) and K <= C (K = C: every client holds every
+  label, a stratified IID split, as NIID-Bench's "#C=10"). A label with fewer rows than holders leaves the
+  last of them without any (as in NIID-Bench); not a case on MNIST or any set with more rows than clients per label.
 - ``central``: one client holding everything (the centralized baseline).
 """
 
@@ -26,7 +33,7 @@ _MAX_DRAWS = 1000
 
 
 def partition(labels: np.ndarray, scheme: str, num_clients: int, *, seed: int, alpha: float = 0.5,
-              shards_per_client: int = 2, min_samples: int = 0) -> list[np.ndarray]:
+              shards_per_client: int = 2, min_samples: int = 0, labels_per_client: int = 2) -> list[np.ndarray]:
     labels = np.asarray(labels)
     n = len(labels)
     if scheme == "central":
@@ -42,8 +49,11 @@ def partition(labels: np.ndarray, scheme: str, num_clients: int, *, seed: int, a
         parts = _quantity(n, num_clients, alpha, min_samples, rng)
     elif scheme == "shards":
         parts = _shards(labels, num_clients, shards_per_client, rng)
+    elif scheme == "labels":
+        parts = _labels(labels, num_clients, labels_per_client, rng)
     else:
-        raise ConfigError(f"data.partition: must be one of iid, dirichlet, shards, quantity, central, got {scheme!r}")
+        raise ConfigError(f"data.partition: must be one of iid, dirichlet, shards, quantity, labels, central, "
+                          f"got {scheme!r}")
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
@@ -53,7 +63,8 @@ def partition_for(data_cfg, labels: np.ndarray, seed: int) -> list[np.ndarray]:
     d = data_cfg
     keep = training_rows(d, labels, seed)
     parts = partition(labels[keep], d.partition, d.num_clients, seed=seed, alpha=d.alpha,
-                      shards_per_client=d.shards_per_client, min_samples=d.min_samples)
+                      shards_per_client=d.shards_per_client, min_samples=d.min_samples,
+                      labels_per_client=d.labels_per_client)
     return parts if len(keep) == len(labels) else [keep[p] for p in parts]
 
 
@@ -128,6 +139,41 @@ def _shards(labels: np.ndarray, k: int, per_client: int, rng: np.random.Generato
         shards += np.array_split(np.flatnonzero(labels == c), m)  # stable: sorted by label, then index
     order = rng.permutation(total)
     return [np.concatenate([shards[s] for s in order[i * per_client : (i + 1) * per_client]]) for i in range(k)]
+
+
+def _labels(labels: np.ndarray, k: int, per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
+    classes = np.unique(labels)
+    c = len(classes)
+    if per_client > c:
+        raise ConfigError(f"data.labels_per_client: {per_client} is more than the {c} labels of the training set")
+    if k < c:
+        raise ConfigError(f"data.num_clients: the labels partition needs at least one client per label ({c}), so "
+                          f"that client i can hold label i mod {c} and every label is held; got {k}")
+    # Which labels each client holds: its own label i mod C, then K-1 others, uniformly among those it lacks
+    # (NIID-Bench draws with rejection until K distinct labels: the same distribution).
+    held = []
+    for i in range(k):
+        others = np.delete(np.arange(c), i % c)
+        held.append([i % c, *rng.choice(others, size=per_client - 1, replace=False).tolist()])
+    parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+    for j, label in enumerate(classes):
+        holders = [i for i in range(k) if j in held[i]]
+        pieces = np.array_split(rng.permutation(np.flatnonzero(labels == label)), len(holders))
+        for i, piece in zip(holders, pieces, strict=True):
+            parts[i].append(piece)
+    return [np.concatenate(p) for p in parts]
+
+
+def partition_text(data_cfg) -> str:
+    """The partition in a few words for titles and reports: 'dirichlet (alpha 0.1)', 'labels (#C=2)'."""
+    d = data_cfg
+    if d.partition in ("dirichlet", "quantity"):
+        return f"{d.partition} (alpha {d.alpha})"
+    if d.partition == "shards":
+        return f"shards ({d.shards_per_client} shards per client)"
+    if d.partition == "labels":
+        return f"labels (#C={d.labels_per_client}: {d.labels_per_client} labels per client)"
+    return d.partition
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from fedgap.config import Config, config_from_dict, config_to_dict, merge, parse_overrides, read_yaml, results_hash
 from fedgap.diagnose.facts import ModelFacts
+from fedgap.errors import ConfigError
 from fedgap.fl.objectives import objective_spec
 
 # cause groups, in the order the report lists them
@@ -269,7 +270,12 @@ def searches(naive: Config, tree: dict, preset: DoctorPreset,
         overrides = remedy_overrides(naive, remedy)
         space = preset.space(remedy)
         points = grid(space)
-        if len(points) == 1 and results_hash(with_overrides(tree, overrides + points[0])) == naive_hash:
+        try:  # a remedy the setting cannot take (GroupNorm on simple-cnn, which has no norm layers) is skipped
+            first = with_overrides(tree, overrides + points[0])
+        except ConfigError as exc:
+            skipped.append(f"{remedy.label}: does not apply here ({exc})")
+            continue
+        if len(points) == 1 and results_hash(first) == naive_hash:
             skipped.append(f"{remedy.label}: already part of the naive setting")
             continue
         out.append(Search(remedy, overrides, space, points))

@@ -49,6 +49,7 @@ from fedgap.errors import FedgapError
 from fedgap.experiment import checkpoint, outputs
 from fedgap.experiment.stopping import StopAtTarget, StopOnDivergence
 from fedgap.experiment.summary import run_summary
+from fedgap.fl import fednova
 from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
 from fedgap.fl.averaging import average_update
 from fedgap.fl.batchnorm import batchnorm_layers
@@ -162,7 +163,7 @@ class Experiment:
         self.objective = client_objective(self.hp)
         self.server_opt = make_server_optimizer(cfg.server)
         self.components = ServerComponents(self.server_opt, self.objective, tuple(self.server_keys),
-                                           cfg.data.num_clients)
+                                           cfg.data.num_clients, fednova.normalizer(cfg))
 
         state = clone(model.state_dict())
         params = {k: state[k] for k in self.param_keys}

@@ -150,7 +150,9 @@ class FedgapStrategy(Strategy):
         self.nodes: dict[int, int] = {}
         self.plan = None
         self.unreachable: list[int] = []
-        self.sent: dict[str, int] = {}  # this round's train messages: message id -> fedgap client id
+        # this round's train messages and their fedgap client ids; a message's id is set when Flower pushes it (the
+        # deployment runtime uses its object id, the simulation runtime a fresh uuid), so it is read after the push
+        self.sent: list[tuple[Message, int]] = []
 
     def summary(self) -> None:
         c = self.exp.cfg
@@ -174,17 +176,18 @@ class FedgapStrategy(Strategy):
                                         "config": ConfigRecord({"server-round": server_round, "client-id": c})}),
                             dst_node_id=self.nodes[c], message_type=MessageType.TRAIN)
                     for c in sampled if c not in self.unreachable]
-        self.sent = {m.object_id: int(m.content["config"]["client-id"]) for m in messages}
+        self.sent = [(m, int(m.content["config"]["client-id"])) for m in messages]
         return messages
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         exp, cfg = self.exp, self.exp.cfg
         replies = list(replies)
+        sent = {m.metadata.message_id: c for m, c in self.sent}
         results = sorted((_result(m) for m in replies if not m.has_error()), key=lambda r: r.client_id)
         errors = [m.error.reason for m in replies if m.has_error()]
         for reason in errors:
             log.warning("round %d: a client failed: %s", server_round, reason)
-        silent = sorted(set(self.sent.values()) - {self.sent.get(m.metadata.reply_to_message_id) for m in replies})
+        silent = sorted({c for _, c in self.sent} - {sent.get(m.metadata.reply_to_message_id) for m in replies})
         if silent:
             log.warning("round %d: clients %s did not reply within %g s", server_round, silent, self.reply_timeout)
         if self.unreachable:
@@ -196,7 +199,7 @@ class FedgapStrategy(Strategy):
             raise FedgapError(f"round {server_round}: {len(results)} clients replied, fewer than "
                               f"server.min_clients={cfg.server.min_clients}{first}")
         # sampled clients without a result: an error reply, no reply within the timeout, or no online node
-        failures = [ClientFailure(self.sent.get(m.metadata.reply_to_message_id, -1), m.error.reason)
+        failures = [ClientFailure(sent.get(m.metadata.reply_to_message_id, -1), m.error.reason)
                     for m in replies if m.has_error()]
         failures += [ClientFailure(c, f"no reply within {self.reply_timeout:g} s") for c in silent]
         failures += [ClientFailure(c, "on no online SuperNode") for c in self.unreachable]

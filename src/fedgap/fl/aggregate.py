@@ -1,5 +1,7 @@
 """The server's update of one round, as a pure function: ``server_update(state, results, components, lr)``.
 
+- Under FedNova (``server.algorithm=fednova``) each client's update of the stepped parameters is first rescaled
+  by tau_eff / a_i (``fedgap.fl.fednova``); the rest is unchanged.
 - The clients' final floating-point states are averaged, weighted by their sample counts, in client-id order
   and in float64 (``weighted_mean``), so the result does not depend on the engine. In float64,
   x + 1.0 (mean - x) == mean exactly: FedAvg with one client is that client's model.
@@ -16,7 +18,7 @@ Nothing is modified in place: the old state stays valid (callbacks compare the t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from fedgap.fl.averaging import as_model
@@ -57,10 +59,13 @@ class ServerComponents:
     objective: Objective
     stepped_keys: tuple[str, ...]  # parameters the server optimizer steps
     num_clients: int  # N of the whole federation (SCAFFOLD's and FedDyn's 1/N)
+    normalize: Callable[..., list[ClientResult]] | None = None  # FedNova's rescaling of the updates (fl.fednova)
 
 
 def server_update(state: ServerState, results: Sequence[ClientResult], c: ServerComponents,
                   lr: float | None = None) -> ServerState:
+    if c.normalize is not None:
+        results = c.normalize(state.model, results, c.stepped_keys)
     mean = weighted_mean([res.state for res in results], [float(res.num_samples) for res in results],
                          keep_float64=True)
     params = {k: state.model[k].double() for k in c.stepped_keys}

@@ -4,7 +4,9 @@ An algorithm in fedgap is not a branch in the loop but three independent choices
 Reddi et al. 2021): what a client minimizes locally (``client.objective``), how the server turns the mean
 client delta into a new model (``server.optimizer``), and what is shared (``model.norm_policy``). A preset
 only fills the choices the user left open, so ``server.algorithm=fedprox server.optimizer=adam`` is a
-FedProx client under a FedAdam server. Adding a preset is one line here.
+FedProx client under a FedAdam server. FedNova's normalized averaging has no key of its own: it comes with
+``server.algorithm=fednova``, which leaves the three choices open (``server.algorithm=fednova
+client.objective=prox`` is FedNova with FedProx clients). Adding a preset is one line here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ class Preset:
     objective: str = "local"  # local | prox | scaffold            (fedgap.fl.objectives)
     server_optimizer: str = "sgd"  # sgd | momentum | adam | yogi | adagrad   (fedgap.fl.server)
     norm_policy: str = "average"  # average | local | recalibrate       (fedgap.fl.normpolicy)
+    normalized: bool = False  # FedNova's normalized averaging of the client updates (fedgap.fl.fednova)
     citation: str = ""
 
 
@@ -29,4 +32,5 @@ PRESETS: dict[str, Preset] = {
     "fedadam": Preset(server_optimizer="adam", citation="Reddi et al. 2021, Adaptive Federated Optimization"),
     "fedyogi": Preset(server_optimizer="yogi", citation="Reddi et al. 2021, Adaptive Federated Optimization"),
     "fedadagrad": Preset(server_optimizer="adagrad", citation="Reddi et al. 2021, Adaptive Federated Optimization"),
+    "fednova": Preset(normalized=True, citation="Wang et al. 2020, Tackling the Objective Inconsistency Problem"),
 }

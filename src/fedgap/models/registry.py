@@ -22,7 +22,7 @@ class ModelEntry:
     target: str  # "module:attribute" of the class, built as target(in_channels=, num_classes=, **options)
     description: str
     options: tuple[str, ...]  # model.* config fields passed to the class besides in_channels and num_classes
-    norm_channels: Callable[[float], list[int]]  # width -> channel count of every norm layer
+    norm_channels: Callable[[float], list[int]]  # width -> channel count of every norm layer (none: [])
     takes_image_size: bool = False  # the class needs image_size=(h, w) (its classifier is not pooled)
 
 
@@ -41,6 +41,9 @@ MODELS: dict[str, ModelEntry] = {
     "cnn": ModelEntry(
         "fedgap.models.cnn:FedAvgCNN", "the FedAvg paper's CNN",
         _COMMON, spec.cnn_channels, takes_image_size=True),
+    "simple-cnn": ModelEntry(
+        "fedgap.models.simple_cnn:SimpleCNN", "NIID-Bench's MNIST CNN, no norm layers",
+        ("dropout",), spec.no_norm_channels, takes_image_size=True),
 }
 
 

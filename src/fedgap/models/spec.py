@@ -37,6 +37,11 @@ def cnn_channels(width: float = 1.0) -> list[int]:
     return list(CNN)
 
 
+def no_norm_channels(width: float = 1.0) -> list[int]:
+    """A model without norm layers (simple-cnn): model.norm has nothing to act on."""
+    return []
+
+
 def v1_channels(width: float = 1.0) -> list[int]:
     out = [scaled(V1_STEM, width)]
     c_in = out[0]

@@ -9,6 +9,7 @@ import base64
 import html
 from pathlib import Path
 
+from fedgap.data.partition import partition_text
 from fedgap.diagnose.gap import fmt_pct, status
 from fedgap.experiment import outputs
 from fedgap.report import plots
@@ -115,8 +116,7 @@ def _combination_budget(b: dict) -> str:
 
 def _setting(cfg) -> str:
     d, m, c, s = cfg.data, cfg.model, cfg.client, cfg.server
-    part = d.partition + (f" (alpha {d.alpha})" if d.partition in ("dirichlet", "quantity") else "") + \
-        (f" ({d.shards_per_client} shards per client)" if d.partition == "shards" else "")
+    part = partition_text(d)
     return (f"{m.name} with {m.norm} norm on {d.name}, {part}, {d.num_clients} clients, "
             f"{s.clients_per_round} per round, {s.rounds} rounds; client {c.optimizer} lr {c.lr}, batch "
             f"{c.batch_size}, {c.epochs} local epoch(s); server {s.algorithm}")
