@@ -31,8 +31,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from fedgap.config import load_config, results_hash
-from fedgap.runs.scores import late_accuracy
 from fedgap.experiment.loop import Experiment
+from fedgap.runs.scores import late_accuracy
 
 SETTING = ["model.name=simple-cnn", "data.num_clients=10", "server.clients_per_round=10", "server.rounds=50",
            "client.epochs=10", "client.batch_size=64", "client.optimizer=sgd", "client.lr=0.01",
