@@ -9,7 +9,7 @@ SIM_VENV  := .venv-flower-sim
 SIM_PY    := $(SIM_VENV)/bin/python
 SIM_STAMP := $(SIM_VENV)/.installed-stamp
 
-.PHONY: install install-core run test test-slow test-flower bench lint clean
+.PHONY: install install-core run run-keras test test-slow test-flower bench lint clean
 
 # Re-installs only when pyproject.toml or this Makefile (its install lines) changed since the last install.
 # `make run` needs only fedgap and its dependencies (half the install time of the extras); the test, bench and
@@ -32,12 +32,21 @@ $(SIM_STAMP): pyproject.toml Makefile
 	$(SIM_PY) -m pip install --quiet -e '.[dev,flower-simulation]'
 	touch $(SIM_STAMP)
 
+KERAS_STAMP := $(VENV)/.keras-stamp
+$(KERAS_STAMP): $(CORE)
+	$(PY) -m pip install --quiet -e '.[keras]'
+	touch $(KERAS_STAMP)
+
 install-core: $(CORE)
 
 install: $(STAMP)
 
 run: install-core
 	$(VENV)/bin/fedgap doctor --preset quick --out $(OUT)
+
+# The same doctor on the seed's network written in Keras (Keras defaults untouched: docs/keras.md).
+run-keras: $(KERAS_STAMP)
+	$(VENV)/bin/fedgap doctor --preset quick model.name=examples/keras_mobilenet.py:build --out $(OUT)-keras
 
 test: install
 	$(PY) -m pytest -q
