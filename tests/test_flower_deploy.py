@@ -25,6 +25,7 @@ from conftest import cli, cli_subprocess
 from fedgap.experiment.outputs import read_metrics
 from fedgap.fl.aggregate import ServerState
 from flower_deploy import BIN, Deployment, make_node_key, make_tls
+from keras_models import SEED_STYLE
 from procs import descendants, is_loopback
 
 pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedgap[flower]')")
@@ -78,11 +79,14 @@ SETTINGS = {
     # the doctor's recommendation on the default setting (README): FedDyn + logit adjustment, running average
     "recommended": ["client.objective=logit_adjust+feddyn", "objective.feddyn.alpha=0.01", "client.lr=0.1",
                     "objective.logit_adjust.tau=1.0", "server.average=9"],
+    # a Keras model (the seed's network, Keras defaults): its file is read from the path in config.yaml on every node
+    "keras": [f"model.name={SEED_STYLE}"],
 }
 
 
 def test_exported_app_on_a_superlink_and_supernodes_is_the_same_experiment(tiny_idx, tmp_path, capsys):
-    """FedAvg, SCAFFOLD and the doctor's recommendation, submitted together to one SuperLink with 4 SuperNodes."""
+    """FedAvg, SCAFFOLD, the doctor's recommendation and a Keras model, submitted together to one SuperLink with 4
+    SuperNodes."""
     apps = {name: tmp_path / name for name in SETTINGS}
     for name, extra in SETTINGS.items():
         export(capsys, apps[name], *tiny(tiny_idx, *extra))

@@ -1,4 +1,4 @@
-"""The package layering docs/architecture.md declares, checked on the source: no module imports a package
+"""The package layering README's Layout section declares, checked on the source: no module imports a package
 above its own (module-level and function-level imports alike, read with ``ast``), and the name tables that the
 config layer reads from higher packages import no torch."""
 
@@ -64,7 +64,7 @@ def test_every_package_is_in_exactly_one_layer():
                 if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
     declared = [name for layer in LAYERS for name in layer]
     assert sorted(declared) == sorted(set(declared)), "a package is declared twice"
-    assert packages | {"fedgap"} == set(declared), "docs/architecture.md and LAYERS must name every package"
+    assert packages | {"fedgap"} == set(declared), "README's Layout section and LAYERS must name every package"
 
 
 def test_no_module_imports_a_package_above_its_own():
