@@ -98,3 +98,38 @@ def test_flower_sim_trains_the_plain_loops_clients_and_model(tiny_idx, tmp_path)
         assert torch.equal(flower_state[key], value), key  # bit for bit
         compared += 1
     assert compared > 10
+
+
+def test_run_engines_reports_flower_sim_skipped_and_the_ratio_against_it(tmp_path, monkeypatch):
+    """Without .venv-flower-sim the flower-sim row says why it was skipped (nothing is started); with it, every
+    runner's `× flower-sim` is flower-sim's s/round over the runner's."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run_engines
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    monkeypatch.setattr(run_engines, "SIM_PY", tmp_path / ".venv-flower-sim" / "bin" / "python")
+    skipped = run_engines.measure(run_engines.FLOWER, "default", 2, timeout=5)
+    assert skipped == {"skipped": ".venv-flower-sim is missing (make bench builds it)"}
+    assert run_engines.best_pass([skipped, skipped]) == skipped
+
+    def best(seconds):
+        return {"best": {"seconds_per_round": seconds, "train_images_per_second": 1000.0, "startup_seconds": 1.0,
+                         "launch_to_ready_seconds": 2.0, "peak_pss_mb": 500.0, "peak_rss_mb": 600.0, "spread": 0.0}}
+
+    machine, flops = {"matmul_gflops_2_threads": 100.0}, {"train_flops_per_image": 5e6}
+    text = run_engines.table({"default": {"plain-loop": best(3.0), "flower-sim": {"best": skipped},
+                                          "parallel": best(1.5)},
+                              "small-batch": {"plain-loop": best(4.0), "flower-sim": best(2.5),
+                                              "parallel": best(1.25)}}, machine, flops)
+    rows, experiment = {}, None
+    for line in text.splitlines():
+        if line.startswith("**"):
+            experiment = line.split("**")[1]
+        elif line.startswith("| "):
+            cells = line.split(" | ")
+            rows[f"{cells[0].removeprefix('| ')}@{experiment}"] = cells
+    assert rows["flower-sim@default"][1] == "skipped: .venv-flower-sim is missing (make bench builds it)"
+    assert rows["parallel@default"][-3:-1] == ["2.00×", "-"]  # × plain loop, × flower-sim
+    assert rows["parallel@small-batch"][-3:-1] == ["3.20×", "2.00×"]
+    assert rows["flower-sim@small-batch"][-3:-1] == ["1.60×", "1.00×"]
