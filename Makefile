@@ -59,9 +59,10 @@ test-slow: install
 # (this environment, base flwr), and the simulation engine (.venv-flower-sim, flwr[simulation] and its Ray).
 test-flower: install $(SIM_STAMP)
 	$(PY) -m pytest -q -m flower tests/test_flower_deploy.py
-	$(SIM_PY) -m pytest -q -m flower tests/test_export_flower.py
+	$(SIM_PY) -m pytest -q -m flower tests/test_export_flower.py tests/test_flower_bench.py
 
-bench: install
+# flower-sim, the Flower runner, runs in .venv-flower-sim (benchmarks/flower_sim.py).
+bench: install $(SIM_STAMP)
 	$(PY) benchmarks/run_engines.py
 
 lint: install

@@ -3,9 +3,13 @@ script is, in one process with PyTorch's defaults.
 
 Per round: for each sampled client, a deep copy of the global model, a fresh SGD optimizer and a
 ``DataLoader`` over a ``Subset`` of a ``TensorDataset`` (shuffled, batch ``client.batch_size``); the server
-averages the clients' ``state_dict``s weighted by their sizes; the global model is evaluated with a
+averages the clients' ``state_dict``s weighted by their sizes (in client-id order); the global model is evaluated with a
 ``DataLoader`` over the test set (batch 1000) under ``torch.no_grad()``. No allocator tuning, no
 channels-last, default intra-op threads.
+
+Each client's training seeds torch's global generator first (``seed_client``: its shuffling and any dropout
+draw from it), so another runner that trains the same client in another process (benchmarks/flower_sim.py)
+draws the same batches.
 
 It is deliberately kind to the baseline in one respect: the images are already standardized tensors in
 memory (a script using torchvision's MNIST with a ``ToTensor`` transform pays a PIL conversion per image on
@@ -21,6 +25,14 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
+
+
+def seed_client(cfg, round_: int, client: int) -> None:
+    """Seed torch's global generator for one client's update in one round (indexed, not a running stream: the
+    same draws in any process and any order)."""
+    from fedgap import seeding
+
+    torch.manual_seed(seeding.torch_seed(cfg.seed, seeding.TORCH, round_, client))
 
 
 def train_client(global_model, dataset, indices, cfg):
@@ -62,8 +74,9 @@ def evaluate(model, test_set):
     return correct / len(test_set), loss / len(test_set)
 
 
-def run(cfg, rounds: int, on_round=None):
-    """``rounds`` rounds; ``on_round(row)`` gets each round's timing row. Returns the rows."""
+def run(cfg, rounds: int, on_round=None, *, return_model: bool = False):
+    """``rounds`` rounds; ``on_round(row)`` gets each round's timing row. Returns the rows (and the final global
+    model with ``return_model``)."""
     from fedgap.data.datasets import load_dataset
     from fedgap.data.partition import partition_for
     from fedgap.experiment.loop import initial_model, sample_clients
@@ -77,8 +90,10 @@ def run(cfg, rounds: int, on_round=None):
     rows = []
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
-        results = [train_client(model, train_set, parts[c].tolist(), cfg)
-                   for c in sample_clients(cfg.seed, r, d.num_clients, cfg.server.clients_per_round)]
+        results = []
+        for c in sample_clients(cfg.seed, r, d.num_clients, cfg.server.clients_per_round):
+            seed_client(cfg, r, int(c))
+            results.append(train_client(model, train_set, parts[c].tolist(), cfg))
         train_seconds = time.perf_counter() - t0
         model.load_state_dict(average([s for s, _, _ in results], [n for _, n, _ in results]))
         acc, loss = evaluate(model, test_set)
@@ -87,4 +102,4 @@ def run(cfg, rounds: int, on_round=None):
         rows.append(row)
         if on_round:
             on_round(row)
-    return rows
+    return (rows, model) if return_model else rows

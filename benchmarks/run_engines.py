@@ -1,6 +1,7 @@
 """Engine benchmark: seconds per round, training images/s and GFLOP/s, startup and peak memory of every
-registered fedgap engine and of a plain PyTorch loop (benchmarks/plain_loop.py), all in one run so that the
-ratios are fair; plus the machine's dense fp32 matmul rate, measured in the same run, as the compute limit.
+registered fedgap engine, of a plain PyTorch loop (benchmarks/plain_loop.py) and of the same experiment as a
+Flower 1.42 app in Flower's simulation engine (benchmarks/flower_sim.py), all in one run so that the ratios are
+fair; plus the machine's dense fp32 matmul rate, measured in the same run, as the compute limit.
 
     .venv/bin/python benchmarks/run_engines.py            # `make bench`; about 10 minutes on 2 cores
     .venv/bin/python benchmarks/run_engines.py --quick    # 3 rounds, one pass: a smoke test
@@ -8,8 +9,10 @@ ratios are fair; plus the machine's dense fp32 matmul rate, measured in the same
 Every runner runs in its own subprocess (a fresh interpreter: no thread or allocator setting leaks between
 runners, and the process tree's memory is its own). Runners are interleaved and the whole sequence is repeated
 (``--repeats``), so slow phases of a shared machine hit all of them; the table shows the best pass of each and
-the spread between passes. Writes benchmarks/results/engines.json and the "## Engines" section of
-benchmarks/README.md.
+the spread between passes. ``flower-sim`` runs in .venv-flower-sim's Python (``flwr[simulation]`` pins an older
+Ray than fedgap's ray extra; ``make bench`` builds it first), for the default and small-batch experiments only,
+and is shown as skipped when that environment is missing. Writes benchmarks/results/engines.json and the
+"## Engines" section of benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ EXPERIMENTS = {
     "10k-clients": ["data.partition=iid", "data.num_clients=10000", "server.clients_per_round=100"],
 }
 PLAIN = "plain-loop"
+FLOWER = "flower-sim"
+SIM_PY = HERE.parent / ".venv-flower-sim" / "bin" / "python"
 # The 10,000-client case checks memory at scale: fedgap's in-process engines only (time budget of make bench).
-SKIP = {"10k-clients": {PLAIN, "ray"}}
+SKIP = {"10k-clients": {PLAIN, FLOWER, "ray"}}
 TARGETS = {"default": 3.0, "small-batch": 4.0}
 
 
@@ -103,11 +108,27 @@ def tree_memory(proc) -> tuple[int, int]:
     return rss, pss
 
 
+def flower_missing() -> str | None:
+    """Why the flower-sim runner cannot run here (None if it can)."""
+    if not SIM_PY.exists():
+        return f"{SIM_PY.parent.parent.name} is missing (make bench builds it)"
+    return None
+
+
 def measure(kind: str, experiment: str, rounds: int, timeout: float) -> dict:
+    """One runner in a fresh subprocess, with the peak memory of its process tree. Ray's processes (GCS, raylet,
+    its workers and agents) are started by the runner's process and are its descendants, so they are counted."""
     import psutil
 
     launched = time.time()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, experiment, str(rounds), str(launched)],
+    if kind == FLOWER:
+        if (why := flower_missing()) is not None:
+            return {"skipped": why}
+        command = [str(SIM_PY), str(HERE / "flower_sim.py"), *EXPERIMENTS[experiment], f"server.rounds={rounds}",
+                   "--launched", str(launched)]
+    else:
+        command = [sys.executable, __file__, "--child", kind, experiment, str(rounds), str(launched)]
+    proc = subprocess.Popen(command,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "FEDGAP_NO_DOWNLOAD": "1"})
     handle = psutil.Process(proc.pid)
@@ -182,7 +203,7 @@ def model_flops(overrides: list[str]) -> dict:
 
 
 def best_pass(passes: list[dict]) -> dict:
-    ok = [p for p in passes if "error" not in p]
+    ok = [p for p in passes if "error" not in p and "skipped" not in p]
     if not ok:
         return passes[-1]
     best = dict(min(ok, key=lambda p: p["seconds_per_round"]))
@@ -191,27 +212,32 @@ def best_pass(passes: list[dict]) -> dict:
     return best
 
 
+def ratio_to(runners: dict, reference: str, b: dict) -> str:
+    """How many times faster per round a runner's best pass ``b`` is than ``reference``'s: its s/round over b's."""
+    ref = runners.get(reference, {}).get("best", {})
+    return f"{ref['seconds_per_round'] / b['seconds_per_round']:.2f}×" if "seconds_per_round" in ref else "-"
+
+
 def table(results: dict, machine: dict, flops: dict) -> str:
     peak = machine["matmul_gflops_2_threads"]
     lines = []
     for experiment, runners in results.items():
-        plain = runners.get(PLAIN, {}).get("best", {})
         lines += [f"**{experiment}** (`{' '.join(EXPERIMENTS[experiment]) or 'defaults'}`)", "",
                   "| runner | s/round | train img/s | train GFLOP/s | % of matmul | startup s | launch→ready s "
-                  "| peak PSS MB | peak RSS-sum MB | × plain loop | spread |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| peak PSS MB | peak RSS-sum MB | × plain loop | × flower-sim | spread |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, entry in runners.items():
             b = entry["best"]
-            if "error" in b:
-                lines.append(f"| {name} | failed: {b['error']} | | | | | | | | | |")
+            if "error" in b or "skipped" in b:
+                shown = f"failed: {b['error']}" if "error" in b else f"skipped: {b['skipped']}"
+                lines.append(f"| {name} | {shown} | | | | | | | | | | |")
                 continue
             gflops = b["train_images_per_second"] * flops["train_flops_per_image"] / 1e9
-            ratio = plain["seconds_per_round"] / b["seconds_per_round"] if plain and "error" not in plain else None
             lines.append(
                 f"| {name} | {b['seconds_per_round']:.3f} | {b['train_images_per_second']:,.0f} | {gflops:.1f} | "
                 f"{100 * gflops / peak:.0f}% | {b['startup_seconds']:.2f} | {b['launch_to_ready_seconds']:.2f} | "
                 f"{b['peak_pss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
-                f"{f'{ratio:.2f}×' if ratio else '-'} | {100 * b['spread']:.0f}% |")
+                f"{ratio_to(runners, PLAIN, b)} | {ratio_to(runners, FLOWER, b)} | {100 * b['spread']:.0f}% |")
         lines.append("")
     return "\n".join(lines)
 
@@ -250,7 +276,7 @@ def main() -> None:
     t0 = time.time()
     import torch
 
-    runners = args.runners or [PLAIN, *engine_names()]
+    runners = args.runners or [PLAIN, FLOWER, *engine_names()]
     machine = {
         "cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__, "python": platform.python_version(),
@@ -268,7 +294,8 @@ def main() -> None:
             for runner in results[experiment]:
                 r = measure(runner, experiment, args.rounds, args.timeout)
                 results[experiment][runner]["passes"].append(r)
-                shown = r.get("error") or f"{r['seconds_per_round']:.3f} s/round, {r['peak_pss_mb']:.0f} MB"
+                shown = (r.get("error") or r.get("skipped")
+                         or f"{r['seconds_per_round']:.3f} s/round, {r['peak_pss_mb']:.0f} MB")
                 print(f"pass {rep + 1} {experiment:12s} {runner:12s} {shown}", file=sys.stderr)
     for runners_ in results.values():
         for entry in runners_.values():
