@@ -36,6 +36,7 @@ from fedgap.diagnose.result import DoctorResult
 from fedgap.diagnose.tuning import RunFn, SearchContext, TuneResult, budget_rounds, rungs_for, successive_halving
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
+from fedgap.fl.device import check_device
 from fedgap.preflight import check_inputs
 from fedgap.runs.pool import run_all
 from fedgap.runs.records import RunRecord, RunSpec
@@ -96,6 +97,7 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
         runner = cluster_runner(out, cluster, naive, jobs=jobs, threads=threads, gpus_per_run=gpus_per_run,
                                 show_progress=show_progress)
     else:
+        check_device(naive.engine.device)  # the local pool's runs train on this machine
         runner = nullcontext(pool_runner(out, jobs, show_progress, threads))
     with runner as run:
         return _doctor_in(out, naive, tree, p, seeds, run, target, command, t0, facts_of(model), render)
