@@ -198,11 +198,15 @@ def test_a_node_with_another_fedgap_is_one_line_before_anything_runs(cluster, ti
     assert not out.exists() and not ray.is_initialized()
 
 
-def test_a_gpu_share_on_a_cluster_without_gpus_is_one_line(cluster, tiny_idx, tmp_path, capsys):
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--gpus-per-run", "0.25"], "--gpus-per-run: 0.25 of a GPU per run, but the Ray cluster has 0 GPUs"),
+    (["--threads", "2"], "--threads: 2 CPUs per run, but no node of the Ray cluster has more than 1"),
+], ids=["gpus", "threads"])
+def test_a_run_no_node_can_hold_is_one_line(cluster, tiny_idx, tmp_path, capsys, extra, message):
+    """Ray would wait forever for a node with the resources a task reserves."""
     c, _ = cluster
     out = tmp_path / "d"
-    code, _, err = cli("doctor", *doctor_args(tiny_idx), "--cluster", c.address, "--gpus-per-run", "0.25",
-                       "--out", str(out), capsys=capsys)
-    assert code == 2 and err.strip() == ("fedgap: error: --gpus-per-run: 0.25 of a GPU per run, but the Ray cluster "
-                                         "has 0 GPUs"), err
+    code, _, err = cli("doctor", *doctor_args(tiny_idx), *extra, "--cluster", c.address, "--out", str(out),
+                       capsys=capsys)
+    assert code == 2 and err.strip() == f"fedgap: error: {message}", err
     assert not out.exists() and not ray.is_initialized()

@@ -63,8 +63,9 @@ def _presets_help() -> str:
                    "the same name, the rest is kept. Without it such a folder is refused.")
 @click.option("--cluster", default=None, metavar="local|auto|HOST:PORT",
               help="Run the doctor's runs on a Ray cluster, one Ray task each, with the same results as here (same "
-                   "--threads): local = a private Ray on this machine with --jobs CPUs; auto = the cluster `ray "
-                   "start` began here; HOST:PORT = that cluster's head. The run cache stays in --out (docs/ray.md).")
+                   "--threads): local = a private Ray on this machine running --jobs runs at once; auto = the "
+                   "cluster `ray start` began here; HOST:PORT = that cluster's head. The run cache stays in --out "
+                   "(docs/ray.md).")
 @click.option("--gpus-per-run", type=click.FloatRange(0, min_open=True), default=None, metavar="F",
               help="With --cluster: each run trains on cuda with this share of a GPU (0.25: four runs share one).")
 @click.option("--quiet", is_flag=True, help="No progress display.")

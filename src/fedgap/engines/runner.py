@@ -59,9 +59,8 @@ class ClientRunner:
 
     def layer_moments(self, state: State, layer: str, parts: list[np.ndarray]) -> list[Moments]:
         """Per-client moments of ``layer``'s input over each client's rows (one step of BN recalibration)."""
-        moments = [layer_input_moments(self.model, state, self.train_x[torch.from_numpy(np.asarray(p))], layer)
-                   for p in parts]
-        return [Moments(m.count, m.total.cpu(), m.total_sq.cpu()) for m in moments]  # summed on the CPU
+        return [layer_input_moments(self.model, state, self.train_x[torch.from_numpy(np.asarray(p))], layer)
+                for p in parts]
 
 
 def prepare_model(model: torch.nn.Module, cfg) -> torch.nn.Module:

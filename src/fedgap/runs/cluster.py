@@ -33,12 +33,13 @@ from fedgap.config import Config, config_to_dict
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
 from fedgap.files import atomic_write_bytes
-from fedgap.runs.cluster_connect import check_gpus, check_nodes, connected, ray_error_line
-from fedgap.runs.pool import default_jobs, execute, run_all
+from fedgap.runs.cluster_connect import check_fits, check_nodes, connected, ray_error_line
+from fedgap.runs.pool import default_jobs, default_threads, execute, run_all
 from fedgap.runs.records import RunRecord, RunSpec
 from fedgap.track.command import track_cached
 
 NODE_RETRIES = 3  # times Ray runs a task again after its node or worker process died
+WAIT_SECONDS = 0.5
 TASK_TITLE = "ray::run_remote"  # a worker process's title while it runs a task of this module (tests find them so)
 
 
@@ -99,9 +100,10 @@ def cluster_backend(ray, gpus_per_run: float = 0.0):
         pending = list(refs)
         try:
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+                # a timeout hands control back to Python now and then: Ctrl-C would otherwise wait for a task to end
+                done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_SECONDS)
                 for ref in done:
-                    i, spec, run_dir = refs[ref]
+                    i, spec, run_dir = refs.pop(ref)  # no reference kept: the store frees the result
                     error = None
                     try:
                         write_back(run_dir, ray.get(ref))
@@ -122,8 +124,8 @@ def cluster_backend(ray, gpus_per_run: float = 0.0):
 def cluster_runner(out: Path, cluster: str, naive: Config, *, jobs: int | None = None, threads: int | None = None,
                    gpus_per_run: float = 0.0, show_progress: bool = True) -> Iterator[Callable]:
     """The doctor's run function on a Ray cluster (a ``fedgap.diagnose.tuning.RunFn``), its runs cached under
-    ``out``: joins the cluster and checks it before yielding, leaves it when the block ends. ``jobs``: the CPUs
-    of a ``local`` cluster; the threads per run default to the local pool's (cores // jobs here)."""
+    ``out``: joins the cluster and checks it before yielding, leaves it when the block ends. The threads per run
+    default to the local pool's (cores // jobs here); a ``local`` cluster gets CPUs for ``jobs`` runs at once."""
     if naive.engine.name == "ray":
         raise ConfigError("engine.name=ray: --cluster already spreads the doctor's runs over the cluster; run each "
                           "with engine.name=sequential")
@@ -131,9 +133,10 @@ def cluster_runner(out: Path, cluster: str, naive: Config, *, jobs: int | None =
         raise ConfigError(f"engine.device={naive.engine.device}: on a cluster a run gets a GPU only with "
                           f"--gpus-per-run (a share of one per run)")
     jobs = jobs or default_jobs(naive)
-    with connected(cluster, jobs) as ray:
+    threads = threads or default_threads(jobs)
+    with connected(cluster, jobs * threads) as ray:
         check_nodes(ray)
-        check_gpus(ray, gpus_per_run)
+        check_fits(ray, threads, gpus_per_run)
         backend = cluster_backend(ray, gpus_per_run)
 
         def run(specs: Sequence[RunSpec], title: str) -> list[RunRecord]:

@@ -103,10 +103,15 @@ def check_nodes(ray) -> None:
                               f"{want[0]} with torch {want[1]}; install the same versions on every node")
 
 
-def check_gpus(ray, gpus_per_run: float) -> None:
+def check_fits(ray, threads: int, gpus_per_run: float) -> None:
+    """A run's task reserves ``threads`` CPUs and ``gpus_per_run`` of a GPU: one node must hold that, or Ray would
+    wait forever for a node that does."""
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if gpus_per_run > 0 and gpus < gpus_per_run:
         raise ConfigError(f"--gpus-per-run: {gpus_per_run:g} of a GPU per run, but the Ray cluster has {gpus:g} GPUs")
+    most = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if threads > most:
+        raise ConfigError(f"--threads: {threads} CPUs per run, but no node of the Ray cluster has more than {most:g}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -122,4 +127,4 @@ def ray_error_line(exc: BaseException) -> str:
     return _first_line(exc)[:300]
 
 
-__all__ = ["check_gpus", "check_nodes", "connected", "host_port", "versions", "ray_error_line"]
+__all__ = ["check_fits", "check_nodes", "connected", "host_port", "versions", "ray_error_line"]
