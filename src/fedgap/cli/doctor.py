@@ -61,8 +61,15 @@ def _presets_help() -> str:
 @click.option("--overwrite", is_flag=True,
               help="Write into an --out that holds other files (a run's, yours): the doctor's files replace files of "
                    "the same name, the rest is kept. Without it such a folder is refused.")
+@click.option("--cluster", default=None, metavar="local|auto|HOST:PORT",
+              help="Run the doctor's runs on a Ray cluster, one Ray task each, with the same results as here (same "
+                   "--threads): local = a private Ray on this machine running --jobs runs at once; auto = the "
+                   "cluster `ray start` began here; HOST:PORT = that cluster's head. The run cache stays in --out "
+                   "(docs/ray.md).")
+@click.option("--gpus-per-run", type=click.FloatRange(0, min_open=True), default=None, metavar="F",
+              help="With --cluster: each run trains on cuda with this share of a GPU (0.25: four runs share one).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def doctor(args, preset, seeds, out, jobs, threads, target, remedies, overwrite, quiet):
+def doctor(args, preset, seeds, out, jobs, threads, target, remedies, overwrite, cluster, gpus_per_run, quiet):
     """Measure the federated-centralized gap of your setting, explain it, and find the configuration that
     closes it.
 
@@ -73,15 +80,18 @@ def doctor(args, preset, seeds, out, jobs, threads, target, remedies, overwrite,
     resumes, a repeated one reuses them.
     """
     from fedgap.diagnose.doctor import run_doctor
+    from fedgap.errors import FedgapError
     from fedgap.report import write_doctor_report
 
+    if gpus_per_run is not None and cluster is None:
+        raise FedgapError("--gpus-per-run: a GPU share per run is asked of a Ray cluster; give --cluster too")
     path, overrides = split_config_args(args)
     command = _command("doctor", args, preset=preset, seeds=seeds if seeds != 1 else None, out=out,
                        target=target, remedies=remedies, threads=threads)
     res = run_doctor(path, overrides, preset=preset, seeds=seeds, out=out, jobs=jobs, target=target,
                      show_progress=not quiet, command=command,
                      remedies=tuple(remedies.split(",")) if remedies else None, render=write_doctor_report,
-                     threads=threads, overwrite=overwrite)
+                     threads=threads, overwrite=overwrite, cluster=cluster, gpus_per_run=gpus_per_run or 0.0)
     out_console.print(gap_table(res))
     for f in res.findings:
         if f.kind in ("cause", "remedy"):

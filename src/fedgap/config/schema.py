@@ -163,9 +163,11 @@ class EngineConfig(_Section):
     name: EngineName = Field("sequential", description="how client updates run; never changes results")
     workers: int | None = Field(None, ge=1, description="worker processes (default: CPU cores)")
     start_method: Literal["fork", "forkserver", "spawn"] | None = Field(
-        None, description="parallel: how workers start (default: fork on Linux, else spawn)")
+        None, description=(
+        "parallel: how workers start (default: fork on Linux, else spawn; spawn on cuda)"))
     threads: int | None = Field(None, ge=1, description="intra-op threads in the main process")
-    device: str = Field("cpu", description="torch device for engines that support it (vectorized, ray)")
+    device: str = Field("cpu", description=(
+        "torch device the clients train on: cpu, cuda, cuda:N (sequential, parallel, vectorized; ray: cpu only)"))
     cohort_size: int = Field(10, ge=1, description=(
         "vectorized: clients trained together as one batched model (more clients run in several cohorts; "
         "lower it if memory runs out)"))

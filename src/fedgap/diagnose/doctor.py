@@ -22,6 +22,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from fedgap.config import Config
@@ -35,6 +36,7 @@ from fedgap.diagnose.result import DoctorResult
 from fedgap.diagnose.tuning import RunFn, SearchContext, TuneResult, budget_rounds, rungs_for, successive_halving
 from fedgap.errors import ConfigError
 from fedgap.experiment import outputs
+from fedgap.fl.device import check_device
 from fedgap.preflight import check_inputs
 from fedgap.runs.pool import run_all
 from fedgap.runs.records import RunRecord, RunSpec
@@ -68,9 +70,10 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
                out: Path, jobs: int | None = None, target: float | None = None, show_progress: bool = True,
                command: str = "fedgap doctor", remedies: tuple[str, ...] | None = None,
                render: Callable[[DoctorResult], None] | None = None, threads: int | None = None,
-               overwrite: bool = False) -> DoctorResult:
+               overwrite: bool = False, cluster: str | None = None, gpus_per_run: float = 0.0) -> DoctorResult:
     """The doctor (module docstring). ``render`` writes the documents (report.html, gap.md) of the result, before
-    a tracked doctor logs its files (the CLI passes ``fedgap.report.write_doctor_report``)."""
+    a tracked doctor logs its files (the CLI passes ``fedgap.report.write_doctor_report``). ``cluster``: run on a
+    Ray cluster instead of the local pool (``fedgap.runs.cluster``), with ``gpus_per_run`` of a GPU per run."""
     t0 = time.perf_counter()
     p = V.PRESETS[preset]
     if remedies is not None:
@@ -88,11 +91,26 @@ def run_doctor(config_path: str | None, overrides: list[str], *, preset: str = "
                           f"split, never on the test set; give a share > 0 (default {p.validation})")
     check_out(out, overwrite)  # a folder of the user's or a finished run's is refused, before anything runs
     _, model, _ = check_inputs(naive)  # a bad data file or model fails here, in one line, before --out is touched
+    if cluster is not None:  # joined and checked here, before --out is touched
+        from fedgap.runs.cluster import cluster_runner
+
+        runner = cluster_runner(out, cluster, naive, jobs=jobs, threads=threads, gpus_per_run=gpus_per_run,
+                                show_progress=show_progress)
+    else:
+        check_device(naive.engine.device)  # the local pool's runs train on this machine
+        runner = nullcontext(pool_runner(out, jobs, show_progress, threads))
+    with runner as run:
+        return _doctor_in(out, naive, tree, p, seeds, run, target, command, t0, facts_of(model), render)
+
+
+def _doctor_in(out: Path, naive: Config, tree: dict, p: V.DoctorPreset, seeds: int, run: RunFn,
+               target: float | None, command: str, t0: float, facts: ModelFacts,
+               render: Callable[[DoctorResult], None] | None) -> DoctorResult:
+    """Phases 1-4 with ``out`` locked and tracked, then the outputs written."""
     lock = outputs.lock_dir(out)  # one doctor per folder (a second one leaves it untouched); runs have their own
     try:
         with CommandRun(naive, out, "doctor") as tracking:  # track.mlflow: the parent run of the variants' runs
-            result = diagnose(naive, tree, p, seeds, out, pool_runner(out, jobs, show_progress, threads), target,
-                              command, t0, facts_of(model))
+            result = diagnose(naive, tree, p, seeds, out, run, target, command, t0, facts)
             write_outputs(result)
             if render is not None:
                 render(result)

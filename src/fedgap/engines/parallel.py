@@ -42,7 +42,7 @@ from fedgap.engines import wire
 from fedgap.engines.base import ClientFailure, Engine, RoundOutput
 from fedgap.engines.schedule import balanced_groups, largest_first, slice_bounds
 from fedgap.engines.worker import worker_main
-from fedgap.errors import FedgapError
+from fedgap.errors import ConfigError, FedgapError
 from fedgap.fl.client import ClientTask, RoundContext
 from fedgap.fl.evaluate import EvalResult
 from fedgap.fl.normpolicy import Moments
@@ -61,8 +61,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_start_method() -> str:
-    return "fork" if sys.platform.startswith("linux") else "spawn"
+def default_start_method(device: str = "cpu") -> str:
+    """fork on Linux; spawn elsewhere, and for a CUDA device (CUDA cannot be initialized again in a forked child)."""
+    return "fork" if sys.platform.startswith("linux") and device == "cpu" else "spawn"
 
 
 @dataclass
@@ -98,7 +99,10 @@ class ParallelEngine(Engine):
     def __init__(self, cfg, data, hp):
         super().__init__(cfg, data, hp)
         self.num_workers = cfg.engine.workers or available_cpus()
-        self.start_method = getattr(cfg.engine, "start_method", None) or default_start_method()
+        self.start_method = getattr(cfg.engine, "start_method", None) or default_start_method(cfg.engine.device)
+        if self.start_method == "fork" and cfg.engine.device != "cpu":
+            raise ConfigError(f"engine.start_method=fork: a forked worker cannot use engine.device="
+                              f"{cfg.engine.device} (CUDA is not fork-safe); use spawn or forkserver")
         self.workers: list[_Worker] = []
         self.restarts = 0
 

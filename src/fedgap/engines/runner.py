@@ -16,6 +16,7 @@ import torch
 from fedgap.data.datasets import Dataset, load_dataset
 from fedgap.engines.results import RoundOutput, failure_from_exception
 from fedgap.fl.client import ClientHParams, ClientTask, RoundContext, local_update
+from fedgap.fl.device import check_device
 from fedgap.fl.evaluate import EvalResult, evaluate
 from fedgap.fl.normpolicy import Moments, layer_input_moments
 from fedgap.fl.state import State
@@ -27,7 +28,11 @@ class ClientRunner:
     def __init__(self, cfg, data: Dataset | None = None, hp: ClientHParams | None = None):
         self.cfg = cfg
         self.data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
-        self.model = prepare_model(build_model(cfg.model, self.data.image_shape, self.data.num_classes), cfg)
+        self.device = check_device(cfg.engine.device)
+        self.model = prepare_model(build_model(cfg.model, self.data.image_shape, self.data.num_classes)
+                                   .to(self.device), cfg)
+        # the training set on the device, once (on cpu: the same tensors)
+        self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
         self.hp = hp if hp is not None else ClientHParams.from_config(cfg, float_norm_keys(self.model),
                                                                          self.data.num_classes)
 
@@ -36,7 +41,7 @@ class ClientRunner:
         out = RoundOutput([])
         for task in tasks:
             try:
-                out.results.append(local_update(self.model, self.data.train_x, self.data.train_y, ctx, task, self.hp))
+                out.results.append(local_update(self.model, self.train_x, self.train_y, ctx, task, self.hp))
             except Exception as exc:  # dropped from the round, as a failed device would be
                 out.failures.append(failure_from_exception(task.client_id, exc))
         return out.in_client_order()
@@ -54,7 +59,7 @@ class ClientRunner:
 
     def layer_moments(self, state: State, layer: str, parts: list[np.ndarray]) -> list[Moments]:
         """Per-client moments of ``layer``'s input over each client's rows (one step of BN recalibration)."""
-        return [layer_input_moments(self.model, state, self.data.train_x[torch.from_numpy(np.asarray(p))], layer)
+        return [layer_input_moments(self.model, state, self.train_x[torch.from_numpy(np.asarray(p))], layer)
                 for p in parts]
 
 

@@ -83,8 +83,7 @@ def serve(conn: Connection, runner: ClientRunner) -> None:
             continue
         if op == "task":
             try:
-                reply = ("result", local_update(runner.model, runner.data.train_x, runner.data.train_y, ctx, arg,
-                                                runner.hp))
+                reply = ("result", local_update(runner.model, runner.train_x, runner.train_y, ctx, arg, runner.hp))
             except Exception as exc:  # the client is dropped from the round, the worker goes on
                 reply = ("failure", failure_from_exception(arg.client_id, exc))
         else:

@@ -156,7 +156,8 @@ def classifier_bias(model: torch.nn.Module, state, x: torch.Tensor, y: torch.Ten
     this round's clients held (the classifier drifting toward them under label skew)."""
     model.load_state_dict(state)
     model.eval()
-    preds = torch.cat([model(xb)[:n].argmax(1) for xb, n in fixed_shape_batches(x, batch_size)])
+    device = next(model.parameters(), torch.empty(0)).device  # engine.device
+    preds = torch.cat([model(xb.to(device))[:n].argmax(1).cpu() for xb, n in fixed_shape_batches(x, batch_size)])
     true = np.bincount(y.numpy(), minlength=num_classes).astype(float)
     hits = np.bincount(y.numpy()[(preds == y).numpy()], minlength=num_classes)
     recall = hits[true > 0] / true[true > 0]

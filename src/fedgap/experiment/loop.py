@@ -54,6 +54,7 @@ from fedgap.fl.aggregate import ServerComponents, ServerState, server_update
 from fedgap.fl.averaging import average_update
 from fedgap.fl.batchnorm import batchnorm_layers
 from fedgap.fl.client import ClientHParams, ClientResult, ClientTask, RoundContext, client_objective
+from fedgap.fl.device import check_device
 from fedgap.fl.evaluate import label_matched_accuracy
 from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.server import make_server_optimizer, server_lr
@@ -143,6 +144,7 @@ class Experiment:
         t0 = time.perf_counter()
         # Data, partition and model first: a bad data file, partition or model must fail before --out is touched.
         self.data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.path)
+        check_device(cfg.engine.device)  # a device this machine lacks: one line, before --out is touched
         d = cfg.data
         self.parts = partition_for(d, self.data.train_y.numpy(), cfg.seed)
         # Held-out training rows (data.validation): what selection (the doctor's tuning) reads, never the test set.

@@ -20,6 +20,7 @@ import torch
 
 from fedgap import seeding
 from fedgap.fl.augment import random_affine
+from fedgap.fl.device import seed_device, to_cpu, to_device
 from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.objectives import ClientSetup, Objective, make_objective, objective_params
 from fedgap.fl.state import State
@@ -181,28 +182,32 @@ def epoch_orders(hp: ClientHParams, round_: int, client_id: int, n: int) -> list
 
 def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: RoundContext,
                  task: ClientTask, hp: ClientHParams) -> ClientResult:
+    """One client's round on the device of ``model`` and ``x``, ``y`` (``engine.device``); the result on the CPU."""
     t0 = time.perf_counter()
     raise_if_injected(task, hp)
+    device = x.device
     load_state(model, start_state(ctx, task, hp))
     model.train()
     params = dict(model.named_parameters())
     objective = client_objective(hp)
-    own = own_states(objective, ctx, [task], params)[0]
-    objective.begin(ClientSetup({k: p.detach()[None] for k, p in params.items()}, ctx.global_state, ctx.payload,
-                                {k: v[None] for k, v in own.items()}, label_counts(y, [task], hp)))
+    own = to_device(own_states(objective, ctx, [task], params)[0], device)
+    objective.begin(ClientSetup({k: p.detach()[None] for k, p in params.items()}, to_device(ctx.global_state, device),
+                                to_device(ctx.payload, device), {k: v[None] for k, v in own.items()},
+                                label_counts(y, [task], hp)))
     corrects = type(objective).correct is not Objective.correct
     optimizer = make_optimizer(params.values(), hp, hp.lr * ctx.lr_scale)
     # Dropout draws from the CPU default generator. torch.manual_seed would also queue lazy seeding of every
     # accelerator backend, recording a Python stack trace for each (2 ms per client, measured); same CPU state.
     torch.default_generator.manual_seed(seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))
+    seed_device(device, seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))
     aug_gen = torch.Generator().manual_seed(seeding.torch_seed(hp.seed, seeding.CLIENT, ctx.round, task.client_id))
 
     indices = torch.from_numpy(np.asarray(task.indices, dtype=np.int64))
     n = len(indices)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
     for order in epoch_orders(hp, ctx.round, task.client_id, n):
-        rows = indices[torch.from_numpy(order)]
+        rows = indices[torch.from_numpy(order)].to(device)
         for start in range(0, n, hp.batch_size):
             batch = rows[start : start + hp.batch_size]
             xb, yb = x[batch], y[batch]
@@ -219,6 +224,8 @@ def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: 
             loss_sum += loss.detach() * len(batch)
             steps += 1
 
-    new_own, upload = objective.end(torch.tensor([steps])).client(0)
-    final = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    new_own, upload = objective.end(torch.tensor([steps], device=device)).client(0)
+    if device.type != "cpu":
+        new_own, upload = to_cpu(new_own), to_cpu(upload)
+    final = to_cpu({k: v for k, v in model.state_dict().items() if v.is_floating_point()})  # a copy, not a view
     return client_result(task, hp, final, float(loss_sum), steps, new_own, upload, time.perf_counter() - t0)

@@ -66,11 +66,13 @@ def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: to
             bn.module.train()
     correct = 0
     loss_sum = 0.0
+    device = next(model.parameters(), torch.empty(0)).device  # engine.device: batches go where the model is
     # Train mode normalizes by batch statistics, which padding would change: there, no padding (multiple 1).
     start = 0
     for xb, real in fixed_shape_batches(x, batch_size, multiple=1 if train_mode else SHAPE_MULTIPLE):
-        yb = y[start : start + real]
+        yb = y[start : start + real].to(device)
         start += real
+        xb = xb.to(device)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         logits = model(xb)[:real]

@@ -66,18 +66,19 @@ def input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layers:
         z = inputs[0][: real[0]].to(torch.float64)
         axis = bn.channel_axis % z.dim()
         dims = [d for d in range(z.dim()) if d != axis]
-        acc[bn.name].append(Moments(z.numel() // z.shape[axis], z.sum(dims), (z * z).sum(dims)))
+        acc[bn.name].append(Moments(z.numel() // z.shape[axis], z.sum(dims).cpu(), (z * z).sum(dims).cpu()))
         seen.add(bn.name)
         if len(seen) == len(acc):
             raise _Stop
 
     handles = [bns[name].module.register_forward_pre_hook(lambda _m, inputs, bn=bns[name]: hook(bn, inputs))
                for name in layers]
+    device = next(model.parameters(), torch.empty(0)).device  # engine.device: batches go where the model is
     try:
         for xb, real[0] in fixed_shape_batches(x, batch_size):
             seen.clear()
             try:
-                model(xb)
+                model(xb.to(device))
             except _Stop:
                 pass
     finally:

@@ -100,11 +100,18 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
+# Runs the runs still to do elsewhere (fedgap.runs.cluster): (todo: [(index, spec, run folder)], threads per run,
+# finish) and calls finish(index, spec, run folder, error or None) as each run ends, its files in its folder.
+Backend = Callable[[list[tuple[int, RunSpec, Path]], int, Callable[[int, RunSpec, Path, str | None], RunRecord]],
+                   None]
+
+
 def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, threads: int | None = None,
             title: str = "runs", show_progress: bool = True,
-            on_done: Callable[[RunRecord], None] | None = None) -> list[RunRecord]:
+            on_done: Callable[[RunRecord], None] | None = None, backend: Backend | None = None) -> list[RunRecord]:
     """Run every spec (reusing finished runs) and return one record per spec, in order. A run that fails is
-    a record with ``error`` set; the others go on."""
+    a record with ``error`` set; the others go on. ``backend``: where the runs still to do run (default: this
+    machine's processes)."""
     root.mkdir(parents=True, exist_ok=True)
     records: dict[int, RunRecord] = {}
     todo: list[tuple[int, RunSpec, Path]] = []
@@ -134,7 +141,16 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, th
         jobs = min(jobs, len(todo))
         display = Display(title, len(specs), len(specs) - len(todo), show_progress)
         try:
-            if jobs == 1:
+            if backend is not None:
+                def finish(i: int, spec: RunSpec, run_dir: Path, error: str | None) -> RunRecord:
+                    records[i] = _finish(spec, run_dir, error)
+                    display.done(records[i])
+                    if on_done:
+                        on_done(records[i])
+                    return records[i]
+
+                backend(todo, threads, finish)
+            elif jobs == 1:
                 _run_here(todo, records, threads, display, on_done)
             else:
                 _run_in_pool(todo, records, jobs, threads, display, on_done)
