@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 from collections import deque
 
@@ -44,6 +43,7 @@ import torch
 from fedgap.engines import ray_actor
 from fedgap.engines.base import Engine, RoundOutput
 from fedgap.engines.ray_actor import ClientActor, import_ray, init_local_ray
+from fedgap.engines.ray_address import check_reachable, first_line, host_port, ray_error_line
 from fedgap.engines.results import ClientFailure
 from fedgap.engines.schedule import largest_first, slice_bounds
 from fedgap.errors import ConfigError, FedgapError
@@ -109,7 +109,7 @@ class RayEngine(Engine):
                 auth = "" if os.environ.get("RAY_AUTH_MODE") else (
                     "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token")
                 raise FedgapError(f"engine.address: cannot join the Ray cluster at {e.address!r} "
-                                  f"({_first_line(exc)}){auth}; start one with `ray start --head`") from None
+                                  f"({first_line(exc)}){auth}; start one with `ray start --head`") from None
         self._owns_ray = True
 
     def _worker_count(self) -> int:
@@ -150,7 +150,7 @@ class RayEngine(Engine):
             raise FedgapError(f"engine.name=ray: {n} actors did not start within {START_TIMEOUT:.0f} s (does the "
                               f"cluster have {e.cpus_per_client:g} free CPUs per actor?)") from None
         except ray.exceptions.RayError as exc:
-            raise FedgapError(f"engine.name=ray: a worker could not start: {_actor_error(exc)}") from None
+            raise FedgapError(f"engine.name=ray: a worker could not start: {ray_error_line(exc)}") from None
         self._idle = list(range(n))
 
     def close(self) -> None:
@@ -210,10 +210,10 @@ class RayEngine(Engine):
         except ray.exceptions.RayActorError as exc:  # the process died (crash, OOM kill, lost node)
             self.worker_deaths += 1
             self._probe(slot)
-            return f"WorkerDied: the Ray actor running client {task.client_id} died ({_first_line(exc)[:200]})"
+            return f"WorkerDied: the Ray actor running client {task.client_id} died ({first_line(exc)[:200]})"
         except ray.exceptions.RayError as exc:  # e.g. an object lost with its node; the actor may be fine
             self._probe(slot)
-            return f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+            return f"{type(exc).__name__}: {first_line(exc)[:200]}"
         self._idle.append(slot)
         if part.failures:
             return part.failures[0].reason
@@ -284,36 +284,12 @@ class RayEngine(Engine):
         return EvalResult.merge(parts)
 
 
+ENGINE_FORMS = "local, auto, host:port or ray://host:port"
+
+
 def _host_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of a cluster address; None for local and auto; a ConfigError for anything else."""
-    if address in ("local", "auto"):
-        return None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"engine.address: must be local, auto, host:port or ray://host:port, got {address!r}")
-    return host.strip("[]"), int(port)
+    return host_port(address, "engine.address", ENGINE_FORMS)
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A clear error for a host:port (or ray://host:port) where nothing listens: Ray itself retries for minutes."""
-    target = _host_port(address)
-    if target is None:
-        return
-    try:
-        socket.create_connection(target, timeout=timeout).close()
-    except OSError as exc:
-        raise FedgapError(f"engine.address: nothing answers at {address!r} ({exc.strerror or exc}); start a "
-                          f"cluster with `ray start --head` or use engine.address=local") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _actor_error(exc: BaseException) -> str:
-    """One line from a Ray error: the exception raised in the actor (e.g. a DataError) if there is one."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray"):
-        return f"{type(cause).__name__}: {_first_line(cause)}"
-    return _first_line(exc)[:300]
+def _check_reachable(address: str) -> None:
+    check_reachable(_host_port(address), address, "engine.address", "engine.address=local")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from fedgap.engines.ray_actor import import_ray, init_local_ray
+from fedgap.engines.ray_address import check_reachable, first_line, ray_error_line
+from fedgap.engines.ray_address import host_port as parse_host_port
 from fedgap.errors import ConfigError, FedgapError
 
 PROBE_TIMEOUT = 300.0  # seconds for every node to answer the version probe (a busy node starts a worker first)
@@ -41,30 +42,19 @@ def connected(cluster: str, cpus: int) -> Iterator[Any]:
 
 
 def _join(ray, cluster: str) -> None:
-    target = host_port(cluster)
-    if target is not None:  # Ray itself retries an address where nothing listens for minutes
-        try:
-            socket.create_connection(target, timeout=5.0).close()
-        except OSError as exc:
-            raise FedgapError(f"--cluster: nothing answers at {cluster!r} ({exc.strerror or exc}); start a cluster "
-                              f"with `ray start --head` or use --cluster local") from None
+    check_reachable(host_port(cluster), cluster, "--cluster", "--cluster local")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         ray.init(address=cluster, log_to_driver=bool(os.environ.get("FEDGAP_DEBUG")), logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         auth = "" if os.environ.get("RAY_AUTH_MODE") else (
             "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token")
-        raise FedgapError(f"--cluster: cannot join the Ray cluster at {cluster!r} ({_first_line(exc)}){auth}") from None
+        raise FedgapError(f"--cluster: cannot join the Ray cluster at {cluster!r} ({first_line(exc)}){auth}") from None
 
 
 def host_port(cluster: str) -> tuple[str, int] | None:
     """(host, port) of a cluster address; None for local and auto; a ConfigError for anything else."""
-    if cluster in ("local", "auto"):
-        return None
-    host, _, port = cluster.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--cluster: must be local, auto, HOST:PORT or ray://HOST:PORT, got {cluster!r}")
-    return host.strip("[]"), int(port)
+    return parse_host_port(cluster, "--cluster", "local, auto, HOST:PORT or ray://HOST:PORT")
 
 
 def versions() -> tuple[str, str]:
@@ -112,19 +102,6 @@ def check_fits(ray, threads: int, gpus_per_run: float) -> None:
     most = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
     if threads > most:
         raise ConfigError(f"--threads: {threads} CPUs per run, but no node of the Ray cluster has more than {most:g}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def ray_error_line(exc: BaseException) -> str:
-    """One line from a Ray error: the exception raised in the task (a ModuleNotFoundError, say) if there is one."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray"):
-        return f"{type(cause).__name__}: {_first_line(cause)}"
-    return _first_line(exc)[:300]
 
 
 __all__ = ["check_fits", "check_nodes", "connected", "host_port", "versions", "ray_error_line"]
