@@ -65,8 +65,14 @@ def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    forward_once(model, image_shape, [m.register_forward_hook(hook) for m in model.modules()
+                                      if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))])
+    return total
+
+
+def forward_once(model: nn.Module, image_shape: tuple[int, int, int], handles: list) -> None:
+    """One evaluation-mode forward pass of a zero image through ``model`` (for the forward hooks whose ``handles``
+    are given, removed afterwards); the model's training mode is restored."""
     was_training = model.training
     model.eval()
     try:
@@ -76,4 +82,3 @@ def count_macs(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return total

@@ -40,6 +40,7 @@ from torch import nn
 
 from fedgap.errors import ConfigError
 from fedgap.models.convert import Replacement
+from fedgap.models.info import forward_once
 from fedgap.models.keras_backend import keras_module
 from fedgap.models.keras_norm import KerasBatchNorm, convert_keras_norm, describe
 
@@ -179,17 +180,8 @@ class KerasModel(nn.Module):
                 per_output //= kernel[-2]
             total += output.numel() * per_output
 
-        handles = [layer.register_forward_hook(hook) for layer in all_layers(self.keras_model)
-                   if isinstance(getattr(layer, "kernel", None), keras.Variable)]
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                self(torch.zeros(1, *image_shape))
-        finally:
-            self.train(was_training)
-            for h in handles:
-                h.remove()
+        forward_once(self, image_shape, [layer.register_forward_hook(hook) for layer in all_layers(self.keras_model)
+                                         if isinstance(getattr(layer, "kernel", None), keras.Variable)])
         return total
 
     # ------------------------------------------------------------------------------------------------ export
