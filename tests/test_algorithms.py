@@ -157,7 +157,9 @@ def test_recalibration_equals_central_statistics_over_the_union(mnist):
         central[bn.var_key] = z.var(dim=(0, 2, 3), unbiased=True).float()
     for bn in layers:
         for key in (bn.mean_key, bn.var_key):
-            assert torch.allclose(fed[key], central[key], rtol=1e-6, atol=1e-6), key
+            # float32 activations of one union batch against per-client batches: oneDNN may pick other kernels
+            # for the two batch shapes, a few ulps per layer that the next layer's input carries on: 1e-5 relative
+            assert torch.allclose(fed[key], central[key], rtol=1e-5, atol=1e-6), key
             assert not torch.allclose(fed[key], state[key])
 
 
