@@ -4,6 +4,10 @@ and dropout, and the one-line refusals."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -22,7 +26,7 @@ from fedgap.fl.evaluate import evaluate  # noqa: E402
 from fedgap.models import build_model, build_model_reported  # noqa: E402
 from fedgap.models.keras_adapter import KerasModel, adapt  # noqa: E402
 from fedgap.models.norm import float_norm_keys  # noqa: E402
-from keras_models import SEED_STYLE, factories  # noqa: E402
+from keras_models import FACTORIES, SEED_STYLE, factories  # noqa: E402
 
 MNIST = (1, 28, 28)
 
@@ -76,6 +80,37 @@ def test_every_build_of_a_config_has_the_same_keys_and_initial_weights(nets):
     assert list(a.state_dict()) == list(b.state_dict())
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert not torch.equal(a.state_dict()["conv2d.kernel"], c.state_dict()["conv2d.kernel"])
+
+
+def test_initial_weights_do_not_depend_on_what_an_import_draws_from_random(tmp_path):
+    """A module that draws from Python's `random` when imported (rich.style does, and Keras imports rich) must not
+    move the initializers' seeds: the user's file is imported before the build scope seeds `random`."""
+    plain = tmp_path / "plain.py"
+    plain.write_text(FACTORIES)
+    drawing = tmp_path / "drawing.py"
+    drawing.write_text("import random\nrandom.random()  # an import-time draw\n" + FACTORIES)
+    a, _ = build(f"{plain}:small")
+    b, _ = build(f"{drawing}:small")
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_a_fresh_process_builds_the_weights_of_one_that_built_the_model_before():
+    """The Flower ServerApp builds the initial model in a fresh process; `fedgap run` builds it after Keras and
+    rich were imported and after its preflight build (the CI failure of the Keras deployment test): the same
+    weights, whatever Keras imports lazily on a first build."""
+    script = ("import sys, torch\n"
+              "from fedgap.config import load_config\nfrom fedgap.models import build_model\n"
+              f"cfg = load_config(overrides=['model.name={SEED_STYLE}']).model\n"
+              "if sys.argv[1] == 'again':\n    import keras, rich.style\n    build_model(cfg)\n"
+              "torch.manual_seed(0)\n"
+              "print(sum(float(v.double().sum()) for v in build_model(cfg).state_dict().values()))\n")
+    sums = []
+    for order in ("again", "fresh"):
+        done = subprocess.run([sys.executable, "-c", script, order], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "KERAS_BACKEND": "torch"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        sums.append(done.stdout.split()[-1])
+    assert sums[0] == sums[1]
 
 
 def test_channels_last_input_and_the_training_flag(nets):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 from torch import nn
@@ -36,8 +37,14 @@ def build_model_reported(cfg, image_shape: tuple[int, int, int] = (1, 28, 28),
     else:
         # A Keras factory's layer names and initial weights come from process-wide state: the scope makes every
         # build of a config the same (fedgap.models.keras_backend); seeded from torch's seed, which callers set.
+        # The user's file, Keras and the adapter are imported before the scope seeds `random`: importing a module
+        # can draw from it (rich.style does, and Keras imports rich), and a process that had imported them
+        # earlier would otherwise start the model from other weights.
+        factory = custom.resolve(cfg.name)
+        if "keras" in sys.modules:
+            import fedgap.models.keras_adapter  # noqa: F401  (imported here for the reason above)
         with keras_build_scope(torch.initial_seed()):
-            model = custom.call_factory(cfg.name, num_classes, c, (h, w), dict(cfg.kwargs))
+            model = custom.call_factory(factory, cfg.name, num_classes, c, (h, w), dict(cfg.kwargs))
             if is_keras_object(model):
                 from fedgap.models.keras_adapter import adapt
 

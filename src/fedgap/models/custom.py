@@ -92,11 +92,10 @@ def _import_file(path: Path):
     return module
 
 
-def call_factory(name: str, num_classes: int, in_channels: int, image_size: tuple[int, int],
-                 kwargs: dict) -> nn.Module:
-    """The factory's model, a torch module or a Keras object (unchecked: the caller adapts a Keras model,
-    converts its norm layers, then calls ``check_output``)."""
-    factory = resolve(name)
+def call_factory(factory: Callable[..., nn.Module], name: str, num_classes: int, in_channels: int,
+                 image_size: tuple[int, int], kwargs: dict) -> nn.Module:
+    """``factory``'s model (``factory = resolve(name)``), a torch module or a Keras object (unchecked: the
+    caller adapts a Keras model, converts its norm layers, then calls ``check_output``)."""
     try:
         model = factory(num_classes, in_channels, tuple(image_size), **kwargs)
     except (Exception, SystemExit) as exc:

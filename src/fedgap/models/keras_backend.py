@@ -8,7 +8,10 @@
   draws the seeds of unseeded initializers from Python's ``random``. fedgap builds the same model in several
   processes and several times per process (the run, its evaluation model, every worker), and its state keys
   come from those names; inside the scope the counter starts afresh and ``random`` is seeded, so every build
-  of a config gives the same names and the same initial weights. Both are restored afterwards.
+  of a config gives the same names and the same initial weights. Both are restored afterwards. Imports draw
+  from ``random`` too (``rich.style`` does, and Keras imports rich), so ``build_model`` imports the user's file
+  and Keras before it enters the scope: a fresh process and one that imported them long before build the same
+  model.
 """
 
 from __future__ import annotations
