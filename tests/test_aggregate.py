@@ -58,3 +58,18 @@ def test_client_state_is_stored_and_the_objective_has_the_last_word():
     assert after.model["w"].item() == pytest.approx(3.0 - h / 0.5)  # mean - h / alpha
     assert after.clients[4]["objective"]["w"].item() == 9.0 and 4 not in before.clients
     assert after.clients[3]["norm"]["x"].item() == 1.0  # clients not in the round keep their state
+
+
+def test_a_state_digest_reads_values_not_layout():
+    """summary.json's initial_model_sha256 (fedgap.fl.state.digest): equal for equal values in any memory
+    layout; any changed value, dtype, shape or key changes it."""
+    from fedgap.fl.state import digest
+
+    w = torch.arange(24.0).reshape(1, 2, 3, 4)
+    base = digest({"w": w, "b": torch.zeros(2)})
+    assert digest({"w": w.contiguous(memory_format=torch.channels_last), "b": torch.zeros(2)}) == base
+    nudged = w.clone()
+    nudged[0, 1, 2, 3] = torch.nextafter(nudged[0, 1, 2, 3], torch.tensor(1e9))  # one ulp
+    changed = [{"w": nudged, "b": torch.zeros(2)}, {"w": w.double(), "b": torch.zeros(2)},
+               {"w": w.reshape(2, 12), "b": torch.zeros(2)}, {"v": w, "b": torch.zeros(2)}]
+    assert all(digest(state) != base for state in changed)

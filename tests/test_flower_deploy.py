@@ -53,7 +53,11 @@ def fedgap_run(app, out) -> None:
 
 
 def assert_same_experiment(flower_out, fedgap_out, name: str) -> None:
-    """Per-round metrics equal; model.pt (the model fedgap evaluates) equal bit for bit to `fedgap run`'s."""
+    """The same initial weights; per-round metrics equal; model.pt (the model fedgap evaluates) equal bit for bit
+    to `fedgap run`'s."""
+    summary = json.loads((flower_out / "summary.json").read_text())
+    started = json.loads((fedgap_out / "summary.json").read_text())["initial_model_sha256"]
+    assert summary["initial_model_sha256"] == started, f"{name}: the ServerApp built other initial weights"
     flower_rows = [[r[k] for k in SHARED] for r in read_metrics(flower_out / "metrics.csv")]
     assert flower_rows == [[r[k] for k in SHARED] for r in read_metrics(fedgap_out / "metrics.csv")], name
     flower_state = torch.load(flower_out / "model.pt")
@@ -62,7 +66,6 @@ def assert_same_experiment(flower_out, fedgap_out, name: str) -> None:
     assert flower_state.keys() == fedgap_state.keys(), name
     for key, value in fedgap_state.items():
         assert torch.equal(flower_state[key], value), (name, key)  # bit for bit
-    summary = json.loads((flower_out / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["rounds_completed"] == 3, name
 
 

@@ -66,6 +66,8 @@ def test_same_seed_same_numbers_and_weights(tmp_path, capsys):
     assert cli("run", *FAST, "server.rounds=2", "eval.every=1", "seed=1", "--out", str(other), "--quiet",
                capsys=capsys)[0] == 0
     assert numbers(other / "metrics.csv") != numbers(runs[0] / "metrics.csv")
+    started = [json.loads((out / "summary.json").read_text())["initial_model_sha256"] for out in (*runs, other)]
+    assert started[0] == started[1] != started[2] and len(started[0]) == 64
 
 
 def kill_after_round(out, args, round_, timeout=300):
@@ -97,6 +99,8 @@ def check_resume(tmp_path, args, rounds, kill_at):
     assert resumed.returncode == 0, resumed.stderr
     assert numbers(cut / "metrics.csv") == numbers(full / "metrics.csv")
     assert_same_state(final_state(cut), final_state(full))
+    started = [json.loads((out / "summary.json").read_text())["initial_model_sha256"] for out in (cut, full)]
+    assert started[0] == started[1]  # a resumed run names the weights it started from, not its checkpoint's
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):

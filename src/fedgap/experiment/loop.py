@@ -58,7 +58,7 @@ from fedgap.fl.device import check_device
 from fedgap.fl.evaluate import label_matched_accuracy
 from fedgap.fl.normpolicy import norm_policy
 from fedgap.fl.server import make_server_optimizer, server_lr
-from fedgap.fl.state import State, clone
+from fedgap.fl.state import State, clone, digest
 from fedgap.models import build_model
 from fedgap.models.norm import float_norm_keys
 from fedgap.progress import RunProgress
@@ -168,6 +168,7 @@ class Experiment:
                                            cfg.data.num_clients, fednova.normalizer(cfg))
 
         state = clone(model.state_dict())
+        self.initial_digest = digest(state)  # summary.json: the same seed and config start from the same weights
         params = {k: state[k] for k in self.param_keys}
         self.server = ServerState(  # everything the server carries between rounds: what a checkpoint holds
             model=state, optimizer=self.server_opt.init({k: params[k].double() for k in self.server_keys}),
@@ -344,7 +345,8 @@ class Experiment:
 
     def summary(self) -> dict[str, Any]:
         return run_summary(self.cfg, self.rows, self.round, self.wall_seconds, self.startup_seconds,
-                           has_validation=bool(len(self.val_y)), personal=self.norm_policy.personal)
+                           has_validation=bool(len(self.val_y)), personal=self.norm_policy.personal,
+                           initial_digest=self.initial_digest)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:

@@ -12,7 +12,7 @@ from fedgap.experiment.stopping import StopOnDivergence
 
 
 def run_summary(cfg: Config, rows: list[dict[str, Any]], rounds: int, wall_seconds: float, startup_seconds: float,
-                *, has_validation: bool, personal: bool) -> dict[str, Any]:
+                *, has_validation: bool, personal: bool, initial_digest: str | None = None) -> dict[str, Any]:
     accs = [(r["round"], r["test_accuracy"]) for r in rows if r.get("test_accuracy") is not None]
     target = cfg.eval.target
     samples = sum(r["samples"] for r in rows)
@@ -35,6 +35,9 @@ def run_summary(cfg: Config, rows: list[dict[str, Any]], rounds: int, wall_secon
         "engine": cfg.engine.name,
         "intra_op_threads": torch.get_num_threads(),  # of this process (a parallel engine's workers use 1)
         "config_hash": results_hash(cfg),
+        # SHA-256 of the initial model's state (fedgap.fl.state.digest): equal for runs that started from the same
+        # weights, whichever process or runtime built them (a fedgap run and its exported Flower app)
+        "initial_model_sha256": initial_digest,
         "fedgap_version": __version__,
     }
     if has_validation:

@@ -7,6 +7,7 @@ bookkeeping that no averaging makes sense for, so they stay as the global model 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +17,16 @@ State = dict[str, torch.Tensor]
 
 def clone(state: Mapping[str, torch.Tensor]) -> State:
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state: its keys, dtypes, shapes and values (not the memory layout), in key order. Two runs
+    whose initial models have the same digest started from the same weights bit for bit."""
+    h = hashlib.sha256()
+    for key, value in state.items():
+        h.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float], *,
