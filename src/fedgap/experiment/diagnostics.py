@@ -37,6 +37,7 @@ import torch
 
 from fedgap.callbacks import RoundCallback
 from fedgap.fl.batchnorm import BatchNormLayer, batchnorm_layers
+from fedgap.fl.device import model_device
 from fedgap.fl.evaluate import fixed_shape_batches, label_matched_accuracy
 from fedgap.fl.normpolicy import Moments, input_moments, sum_moments
 
@@ -156,7 +157,7 @@ def classifier_bias(model: torch.nn.Module, state, x: torch.Tensor, y: torch.Ten
     this round's clients held (the classifier drifting toward them under label skew)."""
     model.load_state_dict(state)
     model.eval()
-    device = next(model.parameters(), torch.empty(0)).device  # engine.device
+    device = model_device(model)  # engine.device
     preds = torch.cat([model(xb.to(device))[:n].argmax(1).cpu() for xb, n in fixed_shape_batches(x, batch_size)])
     true = np.bincount(y.numpy(), minlength=num_classes).astype(float)
     hits = np.bincount(y.numpy()[(preds == y).numpy()], minlength=num_classes)

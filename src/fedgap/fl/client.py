@@ -198,8 +198,9 @@ def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: 
     optimizer = make_optimizer(params.values(), hp, hp.lr * ctx.lr_scale)
     # Dropout draws from the CPU default generator. torch.manual_seed would also queue lazy seeding of every
     # accelerator backend, recording a Python stack trace for each (2 ms per client, measured); same CPU state.
-    torch.default_generator.manual_seed(seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))
-    seed_device(device, seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id))
+    torch_seed = seeding.torch_seed(hp.seed, seeding.TORCH, ctx.round, task.client_id)
+    torch.default_generator.manual_seed(torch_seed)
+    seed_device(device, torch_seed)
     aug_gen = torch.Generator().manual_seed(seeding.torch_seed(hp.seed, seeding.CLIENT, ctx.round, task.client_id))
 
     indices = torch.from_numpy(np.asarray(task.indices, dtype=np.int64))

@@ -43,10 +43,16 @@ def to_cpu(state: State) -> State:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters are on (``engine.device``; cpu for a model without parameters): where
+    evaluation and BatchNorm passes send their batches."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def seed_device(device: torch.device, seed: int) -> None:
     """Seed the generator random draws on ``device`` use (dropout on cuda draws from the GPU's own generator)."""
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
 
 
-__all__ = ["check_device", "seed_device", "to_cpu", "to_device"]
+__all__ = ["check_device", "model_device", "seed_device", "to_cpu", "to_device"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fedgap import seeding
 from fedgap.fl.batchnorm import batchnorm_layers
+from fedgap.fl.device import model_device
 from fedgap.fl.state import State
 
 
@@ -66,7 +67,7 @@ def evaluate(model: torch.nn.Module, state: State | None, x: torch.Tensor, y: to
             bn.module.train()
     correct = 0
     loss_sum = 0.0
-    device = next(model.parameters(), torch.empty(0)).device  # engine.device: batches go where the model is
+    device = model_device(model)  # engine.device: batches go where the model is
     # Train mode normalizes by batch statistics, which padding would change: there, no padding (multiple 1).
     start = 0
     for xb, real in fixed_shape_batches(x, batch_size, multiple=1 if train_mode else SHAPE_MULTIPLE):

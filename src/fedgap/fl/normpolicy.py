@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fedgap.fl.batchnorm import BatchNormLayer, batchnorm_layers
+from fedgap.fl.device import model_device
 from fedgap.fl.evaluate import fixed_shape_batches
 from fedgap.fl.state import State
 
@@ -73,7 +74,7 @@ def input_moments(model: torch.nn.Module, state: State, x: torch.Tensor, layers:
 
     handles = [bns[name].module.register_forward_pre_hook(lambda _m, inputs, bn=bns[name]: hook(bn, inputs))
                for name in layers]
-    device = next(model.parameters(), torch.empty(0)).device  # engine.device: batches go where the model is
+    device = model_device(model)  # engine.device: batches go where the model is
     try:
         for xb, real[0] in fixed_shape_batches(x, batch_size):
             seen.clear()
