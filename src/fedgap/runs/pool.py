@@ -140,20 +140,22 @@ def run_all(specs: Sequence[RunSpec], root: Path, *, jobs: int | None = None, th
         threads = threads or default_threads(jobs)  # per run, whatever is left in this batch (module docstring)
         jobs = min(jobs, len(todo))
         display = Display(title, len(specs), len(specs) - len(todo), show_progress)
+
+        def finish(i: int, spec: RunSpec, run_dir: Path, error: str | None) -> RunRecord:
+            """A run has ended (its files in ``run_dir``): its record, shown and passed on."""
+            records[i] = _finish(spec, run_dir, error)
+            display.done(records[i])
+            if on_done:
+                on_done(records[i])
+            return records[i]
+
         try:
             if backend is not None:
-                def finish(i: int, spec: RunSpec, run_dir: Path, error: str | None) -> RunRecord:
-                    records[i] = _finish(spec, run_dir, error)
-                    display.done(records[i])
-                    if on_done:
-                        on_done(records[i])
-                    return records[i]
-
                 backend(todo, threads, finish)
             elif jobs == 1:
-                _run_here(todo, records, threads, display, on_done)
+                _run_here(todo, threads, display, finish)
             else:
-                _run_in_pool(todo, records, jobs, threads, display, on_done)
+                _run_in_pool(todo, jobs, threads, display, finish)
         finally:
             display.close()
     for i, j in aliases.items():
@@ -171,7 +173,7 @@ def _finish(spec: RunSpec, run_dir: Path, error: str | None) -> RunRecord:
     return RunRecord(spec, run_dir, error=error)
 
 
-def _run_here(todo, records, threads, display, on_done) -> None:
+def _run_here(todo, threads, display, finish) -> None:
     q: queue_mod.Queue = queue_mod.Queue()
     display.follow(q)
     for i, spec, run_dir in todo:
@@ -180,13 +182,10 @@ def _run_here(todo, records, threads, display, on_done) -> None:
             execute(spec.name, config_to_dict(spec.cfg), str(run_dir), spec.diagnostics, threads, progress_queue=q)
         except FedgapError as exc:
             error = str(exc)
-        records[i] = _finish(spec, run_dir, error)
-        display.done(records[i])
-        if on_done:
-            on_done(records[i])
+        finish(i, spec, run_dir, error)
 
 
-def _run_in_pool(todo, records, jobs, threads, display, on_done) -> None:
+def _run_in_pool(todo, jobs, threads, display, finish) -> None:
     ctx = mp.get_context("spawn")  # no fork after torch's thread pools exist
     q = ctx.Queue()
     display.follow(q)
@@ -205,10 +204,7 @@ def _run_in_pool(todo, records, jobs, threads, display, on_done) -> None:
                 exc = fut.exception()
                 if exc is not None:
                     error = str(exc) if isinstance(exc, FedgapError) else f"{type(exc).__name__}: {exc}"
-                records[i] = _finish(spec, run_dir, error)
-                display.done(records[i])
-                if on_done:
-                    on_done(records[i])
+                finish(i, spec, run_dir, error)
     except BaseException:
         for proc in list(getattr(pool, "_processes", {}).values()):
             proc.kill()  # a run in a killed worker resumes from its last checkpoint next time
